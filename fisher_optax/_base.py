@@ -1,0 +1,162 @@
+"""Shared types: the per-layer capture record and parameter-path helpers.
+
+A captured layer is described by a :class:`LayerStats` record: the layer's
+input activations ``a`` and output cotangents ``g`` (arrays, pytree children)
+plus a hashable :class:`LayerMeta` (static, pytree aux data) that says what
+kind of layer produced them, which parameters it owns and the geometry needed
+to turn ``a`` and ``g`` into curvature statistics.
+
+Array layout, for a layer called ``C`` times in one loss evaluation and
+stacked by a lifted transform (``nn.scan`` over layers) into ``S`` leading
+axes::
+
+  a: (*stack, C, *input_shape_of_one_call)
+  g: (*stack, C, *output_shape_of_one_call)
+
+``stack`` has ``meta.stack_ndim`` axes and matches the leading axes of the
+layer's parameters; ``C`` is the call axis (weight sharing). Statistics treat
+the call axis as extra rows, never as a sum of separate entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+Array = jax.Array
+PathKey = str  # '/'-joined parameter path, e.g. 'encoder/Dense_0'.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMeta:
+  """Static description of one captured layer.
+
+  Attributes:
+    kind: layer kind ('dense', 'conv', 'embed', 'norm', or a registered one).
+    module: class name of the module, for messages.
+    params: ``(role, name)`` pairs: which parameter of the layer plays which
+      role ('kernel', 'bias', 'embedding', 'scale').
+    param_shapes: ``(name, shape)`` of each parameter including stack axes.
+    stack_ndim: number of leading stack axes shared by ``a``, ``g`` and params.
+    config: sorted ``(key, value)`` pairs of kind-specific static geometry.
+  """
+
+  kind: str
+  module: str
+  params: tuple[tuple[str, str], ...]
+  param_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+  stack_ndim: int = 0
+  config: tuple[tuple[str, Any], ...] = ()
+
+  def cfg(self, key: str, default: Any = None) -> Any:
+    return dict(self.config).get(key, default)
+
+  def param_name(self, role: str) -> str | None:
+    return dict(self.params).get(role)
+
+  def param_shape(self, name: str) -> tuple[int, ...]:
+    return dict(self.param_shapes)[name]
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerStats:
+  """Activations and output cotangents captured for one layer.
+
+  Attributes:
+    a: layer inputs, shape ``(*stack, calls, *input_shape)``.
+    g: cotangents of the loss w.r.t. the layer outputs, shape
+      ``(*stack, calls, *output_shape)``. For a batch-mean loss they carry the
+      ``1/B`` factor of the mean; statistics document how they rescale.
+    extras: kind-specific arrays with the same leading axes (normalisation
+      layers store the normalised input ``xhat``).
+    meta: static :class:`LayerMeta`.
+  """
+
+  def __init__(self, a, g, meta: LayerMeta, extras=None):
+    self.a = a
+    self.g = g
+    self.meta = meta
+    self.extras = dict(extras or {})
+
+  def tree_flatten(self):
+    keys = tuple(sorted(self.extras))
+    return (self.a, self.g, tuple(self.extras[k] for k in keys)), (
+        self.meta, keys)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    meta, keys = aux
+    a, g, extras = children
+    return cls(a, g, meta, dict(zip(keys, extras)))
+
+  def __repr__(self):
+    shape = lambda x: getattr(x, 'shape', None)
+    return (f'LayerStats(kind={self.meta.kind!r}, module={self.meta.module!r},'
+            f' a={shape(self.a)}, g={shape(self.g)},'
+            f' stack_ndim={self.meta.stack_ndim})')
+
+
+def key_str(key: Any) -> str:
+  """One component of a pytree key path as a plain string."""
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(path: tuple[Any, ...]) -> PathKey:
+  return '/'.join(key_str(k) for k in path)
+
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` is an ``optax.MaskedNode`` (a frozen/masked parameter)."""
+  return type(x).__name__ == 'MaskedNode'
+
+
+def flatten_with_paths(tree: Any) -> dict[PathKey, Any]:
+  """``{'/'-joined path: leaf}``; masked nodes are kept as leaves.
+
+  Variables from ``flax.nnx`` flatten to their value with a trailing
+  attribute key; that key is dropped so that paths match module paths.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
+  out = {}
+  for path, leaf in leaves:
+    path = tuple(k for k in path if not _is_variable_value_key(k))
+    out[path_str(path)] = leaf
+  return out
+
+
+def _is_variable_value_key(k: Any) -> bool:
+  return isinstance(k, jax.tree_util.GetAttrKey) and k.name in (
+      'value', 'raw_value', '_raw_value')
+
+
+def split_path(path: PathKey) -> tuple[PathKey, str]:
+  """'a/b/kernel' -> ('a/b', 'kernel')."""
+  head, _, name = path.rpartition('/')
+  return head, name
+
+
+def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
+  """Validates the type of a ``layer_stats`` argument."""
+  if layer_stats is None:
+    raise ValueError(
+        f'{where} needs `layer_stats=`: pass the third output of '
+        '`fisher_optax.linen.value_grad_and_stats` (or `.nnx.`) to '
+        '`tx.update(grads, state, params, layer_stats=layer_stats)`.')
+  if not isinstance(layer_stats, Mapping):
+    raise TypeError(f'{where}: `layer_stats` must be a mapping from layer path'
+                    f' to LayerStats, got {type(layer_stats).__name__}.')
+  for k, v in layer_stats.items():
+    if not isinstance(v, LayerStats):
+      raise TypeError(f'{where}: layer_stats[{k!r}] is a {type(v).__name__},'
+                      ' not a fisher_optax LayerStats.')
+  return layer_stats
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+  return tuple(np.shape(x))

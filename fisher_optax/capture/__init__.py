@@ -1,0 +1,1 @@
+"""Flax capture front-ends: ``fisher_optax.linen`` and ``fisher_optax.nnx``."""

@@ -1,0 +1,330 @@
+"""Capture of per-layer statistics from Flax linen models.
+
+:func:`value_grad_and_stats` wraps the user's own loss function. Inside one
+``jax.value_and_grad`` it records, for every stock layer the loss runs, the
+layer's input and the cotangent of the loss with respect to the layer output.
+The model and the loss are not modified.
+
+How: while the wrapped loss is traced, ``flax.linen``'s ``apply`` is routed
+through a shim that makes two private collections mutable and feeds zero
+"perturbations" (``Module.perturb``); an ``nn.intercept_methods`` interceptor
+sows each layer's input and adds the perturbation to its output. The gradient
+with respect to the perturbation is ``dL/dy``; it comes out of the same
+backward pass as the parameter gradients. The shapes of the perturbations are
+found with ``jax.eval_shape`` first, which costs no FLOPs.
+
+Lifted transforms (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``) pass
+only the collections they are told about. Add ``**capture_axes()`` to their
+``variable_axes`` (``nn.scan(..., variable_axes={'params': 0,
+**fo.linen.capture_axes()})``); a layer whose capture was dropped raises an
+error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+from flax.core import scope as flax_scope
+from flax.linen import module as flax_module
+import jax
+import jax.numpy as jnp
+
+from fisher_optax import _base
+from fisher_optax.capture import _layers
+
+INPUTS = 'fo_inputs'
+PERTURBATIONS = 'fo_perturbations'
+EXTRAS = 'fo_extras'
+_LOCK = threading.RLock()
+
+
+def capture_axes(axis: int = 0) -> dict[str, int]:
+  """``variable_axes`` entries that let a lifted transform pass captures.
+
+  Args:
+    axis: the axis the transform maps over (``0`` for ``nn.scan`` over
+      layers).
+
+  Returns:
+    ``{collection: axis}`` for fisher_optax's private collections.
+  """
+  return {INPUTS: axis, PERTURBATIONS: axis, EXTRAS: axis}
+
+
+def register_layer(module_type: type, kind: str,
+                   params: Mapping[str, str] | None = None,
+                   describe: Callable[..., dict] | None = None) -> None:
+  """Registers a custom linen module class for capture.
+
+  The module's ``__call__(x)`` must compute the layer of ``kind`` from its
+  first positional argument: ``'dense'`` is ``y = x @ kernel + bias``,
+  ``'conv'`` a ``lax.conv_general_dilated`` with NHWC/HWIO layout,
+  ``'embed'`` a table lookup, ``'norm'`` ``y = xhat * scale + bias``.
+
+  Args:
+    module_type: the ``nn.Module`` subclass.
+    kind: ``'dense'``, ``'conv'``, ``'embed'`` or ``'norm'``.
+    params: role -> parameter name, e.g. ``{'kernel': 'w', 'bias': 'b'}``.
+      Defaults to the stock names of that kind.
+    describe: optional ``describe(module, input_shape) -> dict`` returning the
+      geometry of that kind (see ``capture/_layers.py``).
+  """
+  _layers.register_layer('linen', module_type, kind, params, describe)
+
+
+for _cls, _kind, _describe in (
+    (nn.Dense, 'dense', None),
+    (nn.DenseGeneral, 'dense', _layers.describe_dense_general),
+    (nn.Conv, 'conv', None),
+    (nn.Embed, 'embed', None),
+    (nn.LayerNorm, 'norm', None),
+    (nn.RMSNorm, 'norm', None),
+    (nn.BatchNorm, 'norm', None),
+    (nn.GroupNorm, 'norm', None),
+):
+  register_layer(_cls, _kind, describe=_describe)
+
+
+class _Trace:
+  """Python-side bookkeeping of one traced call of the wrapped loss."""
+
+  def __init__(self, discover: bool, perturbations=None, param_ids=None):
+    self.discover = discover
+    self.perturbations = perturbations
+    self.param_ids = param_ids or {}
+    self.applies = []  # per apply call: captured collections (JAX values)
+    self.prefixes = []  # per apply call: path of its params in user params
+    self.layers = {}  # (apply index, module path) -> static layer info
+    self.skipped = {}  # module path -> reason it was not captured
+
+
+def _module_params(module, spec):
+  return {n: module.get_variable('params', n) for n in spec.params.values()
+          if module.has_variable('params', n)}
+
+
+def _interceptor(trace: _Trace):
+  """Sows inputs and perturbs outputs of every registered layer call."""
+
+  def tap(next_fun, args, kwargs, context):
+    module = context.module
+    spec = _layers.lookup('linen', type(module))
+    if spec is None or context.method_name != '__call__' or not args:
+      return next_fun(*args, **kwargs)
+    x = args[0]
+    path = '/'.join(module.path)
+    try:
+      config = spec.describe(module, tuple(jnp.shape(x)))
+    except _layers.Unsupported as e:
+      trace.skipped[path] = str(e)
+      return next_fun(*args, **kwargs)
+    calls = module.get_variable(INPUTS, 'a', ()) if module.has_variable(
+        INPUTS, 'a') else ()
+    n = len(calls)
+    y = next_fun(*args, **kwargs)
+    params = _module_params(module, spec)
+    trace.layers[(len(trace.applies), path)] = (spec, type(module).__name__,
+                                                config)
+    module.sow(INPUTS, 'a', x)
+    module.sow(INPUTS, 'marker', _layers.marker())
+    if spec.kind == 'norm':
+      module.sow(EXTRAS, 'xhat', _layers.normalised_input(
+          y, params, config['feature_axes']))
+    return module.perturb(f'g{n}', y, collection=PERTURBATIONS)
+
+  return tap
+
+
+def _param_prefix(trace: _Trace, variables) -> str:
+  """Where this apply call's params live inside the differentiated params."""
+  inner = _base.flatten_with_paths(dict(variables).get('params', {}))
+  prefixes = set()
+  for path, leaf in inner.items():
+    user = trace.param_ids.get(id(leaf))
+    if user is not None and (user == path or user.endswith('/' + path)):
+      prefixes.add(user[: len(user) - len(path)].rstrip('/'))
+  if len(prefixes) == 1:
+    return prefixes.pop()
+  user_paths = set(trace.param_ids.values())
+  for prefix in ('', 'params'):
+    join = lambda p, prefix=prefix: f'{prefix}/{p}' if prefix else p
+    if inner and all(join(p) in user_paths for p in inner):
+      return prefix
+  raise ValueError(
+      'fisher_optax could not find the parameters that `model.apply` was '
+      'called with inside the params given to value_grad_and_stats (paths '
+      f'{sorted(inner)[:4]}...). Pass the params you differentiate to '
+      '`model.apply({"params": params}, ...)` (possibly a sub-tree of them).')
+
+
+@contextlib.contextmanager
+def _capturing(trace: _Trace):
+  """Routes ``flax.linen`` apply calls through the capture shim."""
+  original = flax_module.apply
+
+  def apply(fn, module, mutable=False, capture_intermediates=False):
+    extra = [INPUTS, EXTRAS] + ([PERTURBATIONS] if trace.discover else [])
+    inner = original(fn, module,
+                     mutable=flax_scope.union_filters(mutable, extra),
+                     capture_intermediates=capture_intermediates)
+
+    @functools.wraps(inner)
+    def call(variables, *args, **kwargs):
+      k = len(trace.applies)
+      variables = dict(variables)
+      if trace.discover:
+        trace.prefixes.append(_param_prefix(trace, variables))
+      else:
+        if k >= len(trace.perturbations):
+          raise RuntimeError('model.apply ran more often than while the '
+                             'capture shapes were traced; the loss must call '
+                             'it the same number of times on every trace.')
+        variables[PERTURBATIONS] = trace.perturbations[k]
+      out, state = inner(variables, *args, **kwargs)
+      state = dict(state)
+      trace.applies.append({c: state.pop(c, {}) for c in (
+          INPUTS, EXTRAS, PERTURBATIONS)})
+      return out if mutable is False else (out, state)
+
+    return call
+
+  with _LOCK:
+    flax_module.apply = apply
+    try:
+      with nn.intercept_methods(_interceptor(trace)):
+        yield
+    finally:
+      flax_module.apply = original
+
+
+def _modules(tree, leaf_name: str, prefix=()):
+  """Module paths below ``tree`` (nested dicts) that hold ``leaf_name``."""
+  out = {}
+  for k, v in dict(tree).items():
+    if isinstance(v, Mapping):
+      out.update(_modules(v, leaf_name, prefix + (k,)))
+    elif k == leaf_name:
+      out['/'.join(prefix)] = tree
+  return out
+
+
+def _get(tree, path: str):
+  for k in path.split('/') if path else ():
+    tree = tree[k]
+  return tree
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any], has_aux: bool = False
+) -> Callable[..., tuple[Any, Any, dict[str, _base.LayerStats]]]:
+  """Like ``jax.value_and_grad(loss_fn)``, plus per-layer statistics.
+
+  ``loss_fn(params, *args, **kwargs)`` is the user's loss: it calls
+  ``model.apply({'params': params, ...}, ...)`` on an unmodified linen model
+  (possibly several times, with ``mutable=`` collections such as
+  ``batch_stats``, or on a sub-tree of ``params``). Gradients are taken with
+  respect to ``params`` only.
+
+  Args:
+    loss_fn: the loss, returning a scalar, or ``(scalar, aux)`` if
+      ``has_aux``.
+    has_aux: whether ``loss_fn`` returns auxiliary data.
+
+  Returns:
+    ``step(params, *args, **kwargs) -> (value, grads, layer_stats)`` where
+    ``value`` is the loss (or ``(loss, aux)``), ``grads`` equals
+    ``jax.grad(loss_fn)`` and ``layer_stats`` maps each captured layer's
+    parameter path (``'encoder/Dense_0'``) to a
+    :class:`~fisher_optax.LayerStats`. Call it inside your ``jax.jit``.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((4, 2))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> loss_fn = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
+    >>> loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params, x)
+    >>> stats[''].a.shape, stats[''].g.shape  # (calls, batch, features)
+    ((1, 4, 2), (1, 4, 3))
+  """
+
+  def loss_only(out):
+    return out[0] if has_aux else out
+
+  def step(params, *args, **kwargs):
+    param_ids = {id(leaf): path for path, leaf in
+                 _base.flatten_with_paths(params).items()}
+    discovery = _Trace(discover=True, param_ids=param_ids)
+
+    def discover(p):
+      discovery.param_ids = {id(leaf): path for path, leaf in
+                             _base.flatten_with_paths(p).items()}
+      with _capturing(discovery):
+        out = loss_fn(p, *args, **kwargs)
+      return out, discovery.applies
+
+    _, shapes = jax.eval_shape(discover, params)
+    _check_dropped(discovery, shapes)
+    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                          applied[PERTURBATIONS]) for applied in shapes]
+
+    def wrapped(p, perturbations):
+      trace = _Trace(discover=False, perturbations=perturbations)
+      with _capturing(trace):
+        out = loss_fn(p, *args, **kwargs)
+      captured = [{c: a[c] for c in (INPUTS, EXTRAS)} for a in trace.applies]
+      return loss_only(out), (out, captured)
+
+    (_, (out, captured)), (grads, cotangents) = jax.value_and_grad(
+        wrapped, argnums=(0, 1), has_aux=True)(params, zeros)
+    stats = _assemble(discovery, params, captured, cotangents)
+    return out, grads, stats
+
+  return step
+
+
+def _check_dropped(trace: _Trace, shapes) -> None:
+  for (k, path), (_, module_name, _) in trace.layers.items():
+    if path not in _modules(shapes[k][INPUTS], 'a'):
+      raise ValueError(
+          f'layer {path!r} ({module_name}) ran inside a lifted transform '
+          '(nn.scan, nn.vmap, nn.remat, nn.jit, ...) that dropped '
+          "fisher_optax's capture collections. Add them to the transform's "
+          "variable_axes, e.g. nn.scan(..., variable_axes={'params': 0, "
+          '**fisher_optax.linen.capture_axes()}).')
+
+
+def _assemble(trace: _Trace, params, captured, cotangents):
+  """Groups the captured calls of every layer by parameter path."""
+  outer = _base.flatten_with_paths(params)
+  calls: dict[str, dict[str, Any]] = {}
+  for k, applied in enumerate(captured):
+    prefix = trace.prefixes[k]
+    for path, node in _modules(applied[INPUTS], 'a').items():
+      spec, module_name, config = trace.layers[(k, path)]
+      key = f'{prefix}/{path}'.strip('/') if path else prefix
+      stack_ndim = jnp.ndim(node['marker'][0])
+      entry = calls.setdefault(key, {
+          'spec': spec, 'module': module_name, 'config': config,
+          'stack_ndim': stack_ndim, 'a': [], 'g': [], 'extras': {}})
+      entry['a'].extend(node['a'])
+      grads = _get(cotangents[k], path)
+      entry['g'].extend(grads[f'g{n}'] for n in range(len(node['a'])))
+      extras = _get(applied[EXTRAS], path) if path in _modules(
+          applied[EXTRAS], 'xhat') else {}
+      for name, values in dict(extras).items():
+        entry['extras'].setdefault(name, []).extend(values)
+  stats = {}
+  for key, e in calls.items():
+    shapes = {n: _base.shape_of(outer[f'{key}/{n}'.strip('/')])
+              for n in e['spec'].params.values()
+              if f'{key}/{n}'.strip('/') in outer}
+    stats[key] = _layers.build(key, e['spec'], e['module'], e['config'],
+                               shapes, e['stack_ndim'], e['a'], e['g'],
+                               e['extras'])
+  return stats

@@ -1,0 +1,232 @@
+"""Capture of per-layer statistics from Flax NNX models.
+
+:func:`value_grad_and_stats` wraps ``loss_fn(model, *args)``. While it runs,
+the ``__call__`` of every registered layer class is wrapped (and restored
+afterwards): it sows its input with ``Module.sow`` and perturbs its output
+with ``Module.perturb`` inside ``nnx.capture``; the gradient with respect to
+the zero perturbation is ``dL/dy``, computed in the same backward pass as the
+parameter gradients. ``nnx.scan`` and ``nnx.vmap`` stacks are handled by
+``nnx.capture`` itself. Perturbation shapes are found with
+``jax.eval_shape`` on a copy of the model, so model state (BatchNorm
+statistics, RNG counters) is updated once, by the real pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from fisher_optax import _base
+from fisher_optax.capture import _layers
+
+_LOCK = threading.RLock()
+
+
+def register_layer(module_type: type, kind: str,
+                   params: Mapping[str, str] | None = None,
+                   describe: Callable[..., dict] | None = None) -> None:
+  """Registers a custom NNX module class for capture.
+
+  See :func:`fisher_optax.linen.register_layer`; ``params`` names the
+  module's ``nnx.Param`` attributes.
+  """
+  _layers.register_layer('nnx', module_type, kind, params, describe)
+
+
+for _cls, _kind, _describe in (
+    (nnx.Linear, 'dense', None),
+    (nnx.LinearGeneral, 'dense', _layers.describe_dense_general),
+    (nnx.Conv, 'conv', None),
+    (nnx.Embed, 'embed', None),
+    (nnx.LayerNorm, 'norm', None),
+    (nnx.RMSNorm, 'norm', None),
+    (nnx.BatchNorm, 'norm', None),
+    (nnx.GroupNorm, 'norm', None),
+):
+  register_layer(_cls, _kind, describe=_describe)
+
+
+def _module_params(module, spec):
+  out = {}
+  for name in spec.params.values():
+    p = getattr(module, name, None)
+    if isinstance(p, nnx.Variable):
+      out[name] = p[...]
+  return out
+
+
+def _sown_calls(module, name: str) -> int:
+  for var in getattr(module, '__captures__', ()):
+    if type(var) is nnx.Intermediate and name in var:  # pylint: disable=unidiomatic-typecheck
+      return len(var[name])
+  return 0
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def _capturing(skipped: dict[int, str]):
+  """Wraps ``__call__`` of the registered classes while the loss runs.
+
+  A registered subclass calling ``super().__call__`` is captured once, by
+  the outermost wrapper (a per-instance re-entrancy guard).
+  """
+  saved = {}
+
+  def wrap(original):
+
+    @functools.wraps(original)
+    def call(self, x, *args, **kwargs):
+      active = _ACTIVE.__dict__.setdefault('ids', set())
+      spec = _layers.lookup('nnx', type(self))
+      if id(self) in active or spec is None:
+        return original(self, x, *args, **kwargs)
+      try:
+        config = spec.describe(self, tuple(jnp.shape(x)))
+      except _layers.Unsupported as e:
+        skipped[id(self)] = str(e)
+        return original(self, x, *args, **kwargs)
+      n = _sown_calls(self, 'fo_a')
+      active.add(id(self))
+      try:
+        y = original(self, x, *args, **kwargs)
+      finally:
+        active.discard(id(self))
+      self.sow(nnx.Intermediate, 'fo_a', x)
+      self.sow(nnx.Intermediate, 'fo_marker', _layers.marker())
+      if spec.kind == 'norm':
+        self.sow(nnx.Intermediate, 'fo_xhat', _layers.normalised_input(
+            y, _module_params(self, spec), config['feature_axes']))
+      return self.perturb(f'fo_g{n}', y)
+
+    return call
+
+  with _LOCK:
+    for cls in _layers._REGISTRY['nnx']:  # pylint: disable=protected-access
+      saved[cls] = cls.__dict__.get('__call__')
+      cls.__call__ = wrap(cls.__call__)
+    try:
+      yield
+    finally:
+      for cls, original in saved.items():
+        if original is None:
+          del cls.__call__
+        else:
+          cls.__call__ = original
+
+
+def _value(v):
+  return v.get_value() if isinstance(v, nnx.Variable) else v
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any], has_aux: bool = False
+) -> Callable[..., tuple[Any, Any, dict[str, _base.LayerStats]]]:
+  """Like ``nnx.value_and_grad(loss_fn)``, plus per-layer statistics.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args, **kwargs)`` calling the unmodified NNX
+      model; returns a scalar, or ``(scalar, aux)`` if ``has_aux``.
+    has_aux: whether ``loss_fn`` returns auxiliary data.
+
+  Returns:
+    ``step(model, *args, **kwargs) -> (value, grads, layer_stats)``;
+    ``grads`` is the ``nnx.State`` of ``nnx.Param`` gradients and
+    ``layer_stats`` maps module paths (``'blocks/linear'``) to
+    :class:`~fisher_optax.LayerStats`. Model state updated by the loss
+    (``BatchNorm`` statistics, RNG streams) is written back, as with
+    ``nnx.value_and_grad``. Call it inside ``nnx.jit`` or ``jax.jit``.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> loss, grads, stats = fo.nnx.value_grad_and_stats(loss_fn)(
+    ...     model, jnp.ones((4, 2)))
+    >>> stats[''].a.shape, stats[''].g.shape
+    ((1, 4, 2), (1, 4, 3))
+  """
+
+  def step(model, *args, **kwargs):
+    graphdef, state = nnx.split(model)
+    skipped: dict[int, str] = {}
+
+    def discover(state):
+      m = nnx.merge(graphdef, state)
+      with _capturing(skipped):
+        _, perts, _ = nnx.capture(loss_fn, nnx.Perturbation,
+                                  nnx.Intermediate)(m, *args, **kwargs)
+      return perts
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(discover, state))
+
+    def wrapped(m, perturbations):
+      with _capturing(skipped):
+        out, inter = nnx.capture(loss_fn, nnx.Intermediate,
+                                 init=perturbations)(m, *args, **kwargs)
+      return (out[0] if has_aux else out), (out, inter)
+
+    (_, (out, inter)), (grads, cotangents) = nnx.value_and_grad(
+        wrapped, argnums=(0, 1), has_aux=True)(model, zeros)
+    stats = _assemble(model, inter, cotangents)
+    return out, grads, stats
+
+  return step
+
+
+def _assemble(model, inter, cotangents):
+  modules = {'/'.join(str(k) for k in path): m
+             for path, m in nnx.iter_modules(model)}
+  params = _base.flatten_with_paths(nnx.state(model, nnx.Param))
+  inter = _nested(inter)
+  cotangents = _nested(cotangents)
+  stats = {}
+  for path, node in _walk(inter):
+    if 'fo_a' not in node:
+      continue
+    module = modules[path]
+    spec = _layers.lookup('nnx', type(module))
+    a_calls = list(node['fo_a'])
+    stack_ndim = jnp.ndim(node['fo_marker'][0])
+    in_shape = tuple(a_calls[0].shape[stack_ndim:])
+    config = spec.describe(module, in_shape)
+    g_node = _get(cotangents, path)
+    g_calls = [g_node[f'fo_g{n}'] for n in range(len(a_calls))]
+    extras = {'xhat': list(node['fo_xhat'])} if 'fo_xhat' in node else {}
+    shapes = {n: _base.shape_of(params[f'{path}/{n}'.strip('/')])
+              for n in spec.params.values()
+              if f'{path}/{n}'.strip('/') in params}
+    stats[path] = _layers.build(path, spec, type(module).__name__, config,
+                                shapes, stack_ndim, a_calls, g_calls, extras)
+  return stats
+
+
+def _nested(state) -> dict:
+  """An ``nnx.State`` as plain nested dicts of arrays / tuples of arrays."""
+  if isinstance(state, (nnx.State, Mapping)):
+    return {str(k): _nested(v) for k, v in state.items()}
+  return _value(state)
+
+
+def _walk(tree, prefix=()):
+  if isinstance(tree, dict):
+    yield '/'.join(prefix), tree
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        yield from _walk(v, prefix + (k,))
+
+
+def _get(tree, path: str):
+  for k in path.split('/') if path else ():
+    tree = tree[k]
+  return tree
