@@ -1,15 +1,33 @@
-"""fisher_optax: Fisher-information optimizers as Optax transformations."""
+"""fisher_optax: Fisher-information optimizers as Optax transformations.
 
+Capture per-layer statistics from a Flax model with
+:func:`fisher_optax.linen.value_grad_and_stats` (or ``fisher_optax.nnx``),
+then pass them to an optimizer's ``update(..., layer_stats=...)``.
+"""
+
+from fisher_optax import capture as _capture  # noqa: F401
+from fisher_optax._adafisher import adafisher
+from fisher_optax._adafisher import adafisherw
+from fisher_optax._adafisher import scale_by_adafisher
+from fisher_optax._adafisher import ScaleByAdaFisherState
 from fisher_optax._base import LayerMeta
 from fisher_optax._base import LayerStats
+from fisher_optax._pairing import coverage
+from fisher_optax._pairing import Coverage
 from fisher_optax.capture import linen
 from fisher_optax.capture import nnx
 
 __version__ = '0.1.0'
 
 __all__ = (
+    'Coverage',
     'LayerMeta',
     'LayerStats',
+    'ScaleByAdaFisherState',
+    'adafisher',
+    'adafisherw',
+    'coverage',
     'linen',
     'nnx',
+    'scale_by_adafisher',
 )

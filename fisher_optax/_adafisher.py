@@ -1,0 +1,435 @@
+"""AdaFisher: Adam-like steps preconditioned by a diagonal Kronecker Fisher.
+
+Implements Martins Gomes et al., "AdaFisher: Adaptive Second Order
+Optimization via Fisher Information" (ICLR 2025), as an Optax transform fed
+by the per-layer statistics of :mod:`fisher_optax.linen` /
+:mod:`fisher_optax.nnx`. ``mode='reference'`` follows the official PyTorch
+code (AtlasAnalyticsLab/AdaFisher); see ``docs/adafisher.md`` for the
+differences between the two modes.
+
+State layout (per parameter leaf of shape ``P``; ``P[:-1] + (1,)`` is the
+"input side" shape, since every captured layer keeps its output features on
+the last parameter axis):
+
+* ``h``  ``P[:-1] + (1,)``: EMA of the input-side factor ``H_D``.
+* ``s``  ``P``: EMA of the output-side factor ``S_D`` broadcast to ``P``; for
+  parameters no layer covers and ``fallback='adam'``, Adam's second moment.
+* ``scale``, ``shift`` ``P[:-1] + (1,)``: the preconditioner is
+  ``F = scale * (s - shift) + damping``, which is exactly
+  ``minmax(H_D) (x) minmax(S_D) + damping`` (``shift = min S_D``,
+  ``scale = minmax(H_D) / range(S_D)``), refreshed with the statistics.
+  Subtracting the minimum before scaling keeps ``F >= damping`` in float32
+  even when ``S_D`` spans a tiny range.
+
+Everything is allocated from the parameters alone, so ``init(params)`` needs
+no statistics, and uses about the memory of Adam.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from fisher_optax import _base
+from fisher_optax import _pairing
+from fisher_optax import _stats
+
+MODES = ('paper', 'reference')
+FALLBACKS = ('adam', 'momentum', 'damping')
+
+
+class ScaleByAdaFisherState(NamedTuple):
+  """State for :func:`fisher_optax.scale_by_adafisher`."""
+
+  count: jax.Array  # shape=(), dtype=int32: steps taken.
+  mu: optax.Updates  # first moment, like params.
+  h: optax.Updates  # input-side factor EMA, shape P[:-1] + (1,).
+  s: optax.Updates  # output-side factor EMA (or Adam's nu), shape P.
+  scale: optax.Updates  # F = scale*(s - shift) + damping, shape P[:-1]+(1,).
+  shift: optax.Updates
+  nonfinite: jax.Array  # shape=(), int32: refreshes skipped for NaN/Inf.
+
+
+def _slot_shape(shape):
+  return tuple(shape[:-1]) + (1,) if len(shape) else ()
+
+
+def _flatten(tree):
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_base.is_masked)
+  paths = [_base.path_str(tuple(
+      k for k in p if not _base._is_variable_value_key(k)))  # pylint: disable=protected-access
+           for p, _ in paths_leaves]
+  return paths, [leaf for _, leaf in paths_leaves], treedef
+
+
+def _per_stack(x, k: int, fn: Callable[..., jax.Array]):
+  """Reduces all but the first ``k`` axes."""
+  return fn(x, axis=tuple(range(k, x.ndim))) if x.ndim > k else x
+
+
+def _group_min_max(arrays, k: int):
+  lo = hi = None
+  for x in arrays:
+    mn, mx = _per_stack(x, k, jnp.min), _per_stack(x, k, jnp.max)
+    lo = mn if lo is None else jnp.minimum(lo, mn)
+    hi = mx if hi is None else jnp.maximum(hi, mx)
+  return lo, hi
+
+
+def _expand(v, ndim: int):
+  return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def scale_by_adafisher(
+    b1: jax.typing.ArrayLike = 0.9,
+    damping: jax.typing.ArrayLike = 1e-3,
+    fisher_decay: jax.typing.ArrayLike = 0.8,
+    eps: jax.typing.ArrayLike = 1e-6,
+    *,
+    stats_every: int = 10,
+    mode: str = 'paper',
+    fallback: str = 'adam',
+    fallback_b2: jax.typing.ArrayLike = 0.999,
+    fallback_eps: jax.typing.ArrayLike = 1e-8,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescale updates by AdaFisher's diagonal Kronecker-factored Fisher.
+
+  See :func:`fisher_optax.adafisher` for the algorithm, notation and
+  arguments.
+
+  Caller contract: ``update(updates, state, params, layer_stats=...)`` with
+  the ``layer_stats`` returned by ``fisher_optax.linen.value_grad_and_stats``
+  (or ``.nnx.``) for the same parameter tree. Statistics are reduced only on
+  steps where ``count % stats_every == 0`` (under ``lax.cond``).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+  if fallback not in FALLBACKS:
+    raise ValueError(f'fallback must be one of {FALLBACKS}, got {fallback!r}.')
+  if not isinstance(stats_every, int) or stats_every < 1:
+    raise ValueError(f'stats_every must be a positive int, got {stats_every!r}'
+                     '; periods are static (pass it in static_args of '
+                     'optax.inject_hyperparams).')
+  reference = mode == 'reference'
+  fill = 1.0 if reference else 0.0
+  known_layers: set[str] = set()
+
+  def init_fn(params):
+    def slot(p, shape_fn):
+      return jnp.full(shape_fn(jnp.shape(p)), fill, jnp.float32)
+
+    mu = jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.result_type(p)),
+        params)
+    return ScaleByAdaFisherState(
+        count=jnp.zeros([], jnp.int32),
+        mu=mu,
+        h=jax.tree.map(lambda p: slot(p, _slot_shape), params),
+        s=jax.tree.map(lambda p: slot(p, tuple), params),
+        scale=jax.tree.map(lambda p: slot(p, _slot_shape), params),
+        shift=jax.tree.map(lambda p: slot(p, _slot_shape) * 0, params),
+        nonfinite=jnp.zeros([], jnp.int32),
+    )
+
+  def refresh(layer_stats, active, h, s, scale, shift, index):
+    """New (h, s, scale, shift) leaf lists from this step's statistics."""
+    h, s, scale, shift = list(h), list(s), list(scale), list(shift)
+    bad = jnp.zeros([], jnp.bool_)
+    for key in sorted(active):
+      st = layer_stats[key]
+      k = st.meta.stack_ndim
+      factors, normalise_h = _stats.adafisher_factors(st, reference)
+      names = [n for n in sorted(factors) if n in active[key]]
+      idx = [index[active[key][n]] for n in names]
+      new_h = [jnp.broadcast_to(factors[n].h, h[i].shape)
+               for n, i in zip(names, idx)]
+      new_s = [jnp.broadcast_to(factors[n].s, s[i].shape)
+               for n, i in zip(names, idx)]
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                  for x in new_h + new_s]))
+      bad = bad | ~finite
+      if reference:
+        # Official order: min-max normalise the new factors, then the
+        # (non-convex) moving average 0.1*gamma*old + 0.01*gamma*new.
+        if normalise_h:
+          lo, hi = _group_min_max(new_h, k)
+          new_h = [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
+                   for x in new_h]
+        lo, hi = _group_min_max(new_s, k)
+        new_s = [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
+                 for x in new_s]
+        ema_h = [fisher_decay / 10 * h[i] + fisher_decay / 100 * x
+                 for i, x in zip(idx, new_h)]
+        ema_s = [fisher_decay / 10 * s[i] + fisher_decay / 100 * x
+                 for i, x in zip(idx, new_s)]
+        new_scale = ema_h
+        new_shift = [jnp.zeros_like(x) for x in ema_h]
+      else:
+        # Paper: convex EMA of the raw factors, then min-max normalise.
+        ema_h = [fisher_decay * h[i] + (1 - fisher_decay) * x
+                 for i, x in zip(idx, new_h)]
+        ema_s = [fisher_decay * s[i] + (1 - fisher_decay) * x
+                 for i, x in zip(idx, new_s)]
+        if normalise_h:
+          lo, hi = _group_min_max(ema_h, k)
+          hn = [(x - _expand(lo, x.ndim)) / _expand(
+              hi - lo + eps * jnp.abs(hi) + jnp.finfo(jnp.float32).tiny,
+              x.ndim) for x in ema_h]
+        else:
+          hn = [jnp.ones_like(x) for x in ema_h]
+        lo, hi = _group_min_max(ema_s, k)
+        srange = hi - lo + eps * jnp.abs(hi) + jnp.finfo(jnp.float32).tiny
+        new_scale = [x / _expand(srange, x.ndim) for x in hn]
+        new_shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape)
+                     for x in hn]
+      for j, i in enumerate(idx):
+        keep = lambda new, old: jnp.where(finite, new, old)
+        h[i] = keep(ema_h[j], h[i])
+        s[i] = keep(ema_s[j], s[i])
+        scale[i] = keep(new_scale[j], scale[i])
+        shift[i] = keep(new_shift[j], shift[i])
+    return h, s, scale, shift, bad
+
+  def update_fn(updates, state, params=None, *, layer_stats=None,
+                **extra_args):
+    del params, extra_args
+    assignments = _pairing.pair(updates, layer_stats, 'scale_by_adafisher')
+    missing = known_layers - set(layer_stats)
+    if missing:
+      raise ValueError(
+          f'scale_by_adafisher: layer_stats has no entry for layer(s) '
+          f'{sorted(missing)} that earlier steps captured; their parameters '
+          'would silently lose their preconditioner.')
+    known_layers.update(layer_stats)
+
+    paths, grads, treedef = _flatten(updates)
+    index = {p: i for i, p in enumerate(paths)}
+    _, mu, _ = _flatten(state.mu)
+    _, h, _ = _flatten(state.h)
+    _, s, _ = _flatten(state.s)
+    _, scale, _ = _flatten(state.scale)
+    _, shift, _ = _flatten(state.shift)
+
+    active: dict[str, dict[str, str]] = {}
+    for path, a in assignments.items():
+      if a.layer is not None and not a.frozen:
+        active.setdefault(a.layer, {})[a.name] = path
+    covered = {p for names in active.values() for p in names.values()}
+
+    count_inc = optax.safe_increment(state.count)
+    bias_mu = 1 - b1 ** count_inc.astype(jnp.float32)
+    bias_nu = 1 - fallback_b2 ** count_inc.astype(jnp.float32)
+
+    mu = [m if _base.is_masked(g) else
+          (b1 * m + (1 - b1) * g).astype(m.dtype) for g, m in zip(grads, mu)]
+
+    if active:
+      do_refresh = state.count % stats_every == 0
+      h, s, scale, shift, bad = lax.cond(
+          do_refresh,
+          lambda args: refresh(layer_stats, active, *args, index),
+          lambda args: (*args, jnp.zeros([], jnp.bool_)),
+          (h, s, scale, shift))
+      nonfinite = state.nonfinite + bad.astype(jnp.int32)
+    else:
+      nonfinite = state.nonfinite
+
+    out = []
+    for i, (path, g, m) in enumerate(zip(paths, grads, mu)):
+      if _base.is_masked(g):
+        out.append(g)
+        continue
+      m_hat = m / bias_mu.astype(m.dtype)
+      if path in covered:
+        fisher = scale[i] * (s[i] - shift[i]) + damping
+        u = m_hat / fisher
+      elif fallback == 'adam':
+        nu = jnp.where(state.count == 0, 0.0, s[i])
+        nu = fallback_b2 * nu + (1 - fallback_b2) * jnp.square(
+            g.astype(jnp.float32))
+        s[i] = nu
+        u = m_hat / (jnp.sqrt(nu / bias_nu) + fallback_eps)
+      elif fallback == 'momentum':
+        u = m_hat
+      else:
+        u = m_hat / damping
+      out.append(u.astype(g.dtype))
+
+    unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+    return unflatten(out), ScaleByAdaFisherState(
+        count=count_inc,
+        mu=unflatten(mu),
+        h=unflatten(h),
+        s=unflatten(s),
+        scale=unflatten(scale),
+        shift=unflatten(shift),
+        nonfinite=nonfinite,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_DOC = r"""{summary}
+
+AdaFisher keeps, for every captured layer, the diagonals of the two
+Kronecker factors of its empirical Fisher: the input side :math:`H_D`
+(second moments of the bias-augmented layer inputs; for convolutions, of the
+input patches) and the output side :math:`S_D` (second moments of the
+output cotangents). Let :math:`\alpha_t` be the learning rate,
+:math:`\beta_1` ``b1``, :math:`\gamma` ``fisher_decay``, :math:`\lambda`
+``damping``, :math:`\epsilon` ``eps`` and :math:`T` ``stats_every``. On
+steps with :math:`t \bmod T = 0`, with :math:`\hat H, \hat S` this step's
+statistics (``mode='paper'``):
+
+.. math::
+  \begin{{align*}}
+    H_t &\leftarrow \gamma H_{{t-1}} + (1-\gamma) \hat H, \quad
+    S_t \leftarrow \gamma S_{{t-1}} + (1-\gamma) \hat S \\
+    \tilde F_t &\leftarrow \mathrm{{mm}}(H_t) \otimes \mathrm{{mm}}(S_t)
+      + \lambda, \quad
+      \mathrm{{mm}}(v) = \frac{{v - \min v}}{{\max v - \min v + \epsilon
+      \max v}}
+  \end{{align*}}
+
+and on every step, with :math:`g_t` the gradient{grad_note}:
+
+.. math::
+  \begin{{align*}}
+    m_t &\leftarrow \beta_1 m_{{t-1}} + (1-\beta_1) g_t \\
+    \theta_t &\leftarrow \theta_{{t-1}} - \alpha_t
+      \frac{{m_t / (1-\beta_1^t)}}{{\tilde F_t}}{decay_term}
+  \end{{align*}}
+
+There is no square root: :math:`\tilde F` is already a second moment.
+``mode='reference'`` reproduces the official PyTorch code instead: the new
+statistics are min-max normalised first (absolute :math:`\epsilon`), then
+averaged as :math:`H \leftarrow \tfrac{{\gamma}}{{10}} H +
+\tfrac{{\gamma}}{{100}} \hat H'` from a ones-initialised state, and
+BatchNorm/LayerNorm use its 2-vector construction. In ``'paper'`` mode norm
+layers use their exact diagonal empirical Fisher (min-max normalised).
+Parameters that no captured layer covers (a ``cls`` token, positional
+embeddings, custom modules) get ``fallback``: ``'adam'`` (default),
+``'momentum'`` (:math:`\tilde F = 1`, what the official code does) or
+``'damping'`` (:math:`\tilde F = \lambda`); :func:`fisher_optax.coverage`
+lists who gets what.
+
+Args:
+  learning_rate: global step size :math:`\alpha`, a scalar or a schedule.
+  b1: momentum decay :math:`\beta_1`.
+  damping: :math:`\lambda`, added to the normalised Fisher diagonal.
+  fisher_decay: :math:`\gamma`, EMA decay of the curvature factors.
+  eps: :math:`\epsilon` of the min-max normalisation (relative to the
+    factor's maximum in ``'paper'`` mode, absolute in ``'reference'``).
+  weight_decay: {wd_doc}
+  stats_every: :math:`T`, static period of the statistics refresh.
+  mode: ``'paper'`` or ``'reference'``.
+  fallback: preconditioner of parameters that no layer covers.
+  mask: pytree of booleans (or a callable) selecting the parameters that
+    weight decay applies to.
+  **kwargs: passed to :func:`fisher_optax.scale_by_adafisher`
+    (``fallback_b2``, ``fallback_eps``, ``mu_dtype``).
+
+Returns:
+  The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+  ``update`` takes ``layer_stats=``.
+
+Examples:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+  >>> import fisher_optax as fo
+  >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(1)])
+  >>> x = jax.random.normal(jax.random.key(0), (64, 4))
+  >>> y = jnp.sum(x, axis=1, keepdims=True)
+  >>> params = model.init(jax.random.key(1), x)['params']
+  >>> loss_fn = lambda p: jnp.mean((model.apply({{'params': p}}, x) - y) ** 2)
+  >>> step_fn = fo.linen.value_grad_and_stats(loss_fn)
+  >>> tx = fo.{name}(learning_rate=1e-4)
+  >>> opt_state = tx.init(params)
+  >>> @jax.jit
+  ... def step(params, opt_state):
+  ...   loss, grads, stats = step_fn(params)
+  ...   updates, opt_state = tx.update(grads, opt_state, params,
+  ...                                  layer_stats=stats)
+  ...   return optax.apply_updates(params, updates), opt_state, loss
+  >>> for _ in range(100):
+  ...   params, opt_state, loss = step(params, opt_state)
+  >>> print(loss < 0.2)
+  True
+
+References:
+  Martins Gomes et al., `AdaFisher: Adaptive Second Order Optimization via
+  Fisher Information <https://arxiv.org/abs/2405.16397>`_, ICLR 2025.
+"""
+
+
+def adafisher(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    damping: jax.typing.ArrayLike = 1e-3,
+    fisher_decay: jax.typing.ArrayLike = 0.8,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    stats_every: int = 10,
+    mode: str = 'paper',
+    fallback: str = 'adam',
+    mask: Any = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_adafisher(b1, damping, fisher_decay, eps,
+                         stats_every=stats_every, mode=mode,
+                         fallback=fallback, **kwargs),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adafisherw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    damping: jax.typing.ArrayLike = 1e-3,
+    fisher_decay: jax.typing.ArrayLike = 0.8,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike = 1e-2,
+    *,
+    stats_every: int = 10,
+    mode: str = 'paper',
+    fallback: str = 'adam',
+    mask: Any = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(
+      scale_by_adafisher(b1, damping, fisher_decay, eps,
+                         stats_every=stats_every, mode=mode,
+                         fallback=fallback, **kwargs),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+adafisher.__doc__ = _DOC.format(
+    summary='AdaFisher with coupled L2 regularisation.',
+    name='adafisher',
+    grad_note=r' plus the L2 term :math:`w \theta_{t-1}` (``weight_decay``)',
+    decay_term='',
+    wd_doc=r':math:`w`, added to the gradient before the momentum '
+    '(coupled L2, as the official ``AdaFisher``).',
+)
+adafisherw.__doc__ = _DOC.format(
+    summary='AdaFisherW: AdaFisher with decoupled weight decay.',
+    name='adafisherw',
+    grad_note='',
+    decay_term=r' - \alpha_t w \theta_{t-1}',
+    wd_doc=r':math:`w`, decoupled: multiplied by the learning rate and not '
+    r'divided by :math:`\tilde F` (as torch AdamW and the official '
+    '``AdaFisherW``).',
+)

@@ -1,0 +1,268 @@
+"""Curvature statistics from captured layer inputs ``a`` and cotangents ``g``.
+
+Every function here reduces one :class:`~fisher_optax.LayerStats` to the
+statistics an algorithm needs, keeping the layer's stack axes (``nn.scan``
+over layers) in front and treating calls, batch and spatial positions as
+rows. Shapes are given for one stack element.
+
+Conv inputs are never unfolded into patches: the sum over output positions of
+squared patches equals the filter gradient of ``conv(x**2, w)`` with an
+all-ones cotangent, which ``lax`` computes with the layer's own strides,
+padding, dilations and groups, directly in the HWIO kernel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from fisher_optax import _base
+
+
+class DiagFactors(NamedTuple):
+  """Diagonal Kronecker factors of one parameter leaf.
+
+  ``h`` (input side) has the leaf's shape with its last axis reduced to 1;
+  ``s`` (output side) broadcasts against the leaf. Both carry stack axes.
+  """
+
+  h: jax.Array
+  s: jax.Array
+
+
+def _rows(x, stack_ndim: int, feature_ndim: int):
+  """(*stack, ..., *features) -> (*stack, rows, *features)."""
+  stack = x.shape[:stack_ndim]
+  feats = x.shape[x.ndim - feature_ndim:]
+  return x.reshape(stack + (-1,) + feats)
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _dense(st: _base.LayerStats, reference: bool):
+  meta = st.meta
+  k = meta.stack_ndim
+  kernel = meta.param_shape(meta.param_name('kernel'))
+  stack = kernel[:k]
+  in_axes = meta.cfg('in_axes')
+  a = _f32(st.a)
+  if in_axes is not None:
+    # Per call: move contracted axes last. +1 skips the call axis.
+    src = [k + 1 + ax for ax in in_axes]
+    a = jnp.moveaxis(a, src, list(range(a.ndim - len(src), a.ndim)))
+    n_in = len(in_axes)
+  else:
+    n_in = 1
+  in_dims = kernel[k:k + n_in]
+  out_dims = kernel[k + n_in:]
+  a = a.reshape(stack + (-1, math.prod(in_dims)))
+  g = _f32(st.g).reshape(stack + (-1, math.prod(out_dims)))
+  h = jnp.mean(a * a, axis=-2)
+  s = jnp.mean(g * g, axis=-2)
+  del reference  # The official code uses the same Linear statistics.
+  h_kernel = h.reshape(stack + in_dims + (1,) * len(out_dims))
+  s_out = s.reshape(stack + out_dims)
+  return _with_bias(meta, h_kernel, s_out, len(in_dims))
+
+
+def _with_bias(meta, h_kernel, s_out, n_in):
+  """Kernel and bias factors; the bias row of the augmented input is 1."""
+  k = meta.stack_ndim
+  stack = s_out.shape[:k]
+  out_dims = s_out.shape[k:]
+  out = {meta.param_name('kernel'): DiagFactors(
+      h_kernel, s_out.reshape(stack + (1,) * n_in + out_dims))}
+  bias = meta.param_name('bias')
+  if bias is not None:
+    ones = jnp.ones(stack + (1,) * len(out_dims), jnp.float32)
+    out[bias] = DiagFactors(ones, s_out)
+  return out
+
+
+def conv_patch_second_moment(x, meta: _base.LayerMeta):
+  """Sum over rows and output positions of squared input patches.
+
+  Args:
+    x: one stack element's inputs, shape ``(rows..., *spatial, C_in)``.
+    meta: the conv layer's metadata.
+
+  Returns:
+    ``(sum, count)``: the sum in kernel layout ``(*kernel_size, C_in/G)``,
+    averaged over the ``G`` groups (the official AdaFisher pools patch rows
+    across groups), and the number of (row, output position) pairs.
+  """
+  cfg = dict(meta.config)
+  n = len(cfg['kernel_size'])
+  x = _f32(x).reshape((-1,) + x.shape[x.ndim - n - 1:])
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  c_in = x.shape[-1]
+  if n > 3:
+    raise ValueError(f'{n}-D convolutions are not supported.')
+  spatial = 'DHW'[-n:]
+  dn = lax.conv_dimension_numbers(
+      x.shape, cfg['kernel_size'] + (c_in, 1),
+      ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C'))
+
+  def conv(w):
+    return lax.conv_general_dilated(
+        x * x, w, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
+        cfg['rhs_dilation'], dn)
+
+  w = jnp.zeros(cfg['kernel_size'] + (c_in, 1), jnp.float32)
+  out, vjp = jax.vjp(conv, w)
+  (total,) = vjp(jnp.ones_like(out))
+  groups = cfg['groups']
+  total = total[..., 0].reshape(cfg['kernel_size'] + (groups, c_in // groups))
+  count = math.prod(out.shape[:-1])
+  return jnp.mean(total, axis=-2), count
+
+
+def _conv(st: _base.LayerStats, reference: bool):
+  meta = st.meta
+  k = meta.stack_ndim
+  kernel = meta.param_shape(meta.param_name('kernel'))
+  stack = kernel[:k]
+  counts = []  # static, filled while vmap traces the reduction once
+
+  def second_moment(x):
+    total, count = conv_patch_second_moment(x, meta)
+    counts.append(count)
+    return total
+
+  a = st.a.reshape((-1,) + st.a.shape[k:])
+  h = jax.vmap(second_moment)(a) / counts[0]
+  if reference:
+    # The official code divides by the patch length D as well; it only
+    # matters through the absolute epsilon of the min-max normalisation.
+    h = h / math.prod(kernel[k:-1])
+  h = h.reshape(stack + kernel[k:-1] + (1,))
+  g = _rows(_f32(st.g), k, 1)
+  s = jnp.mean(g * g, axis=-2)
+  return _with_bias(meta, h, s, len(kernel) - k - 1)
+
+
+def _embed(st: _base.LayerStats, reference: bool):
+  del reference
+  meta = st.meta
+  k = meta.stack_ndim
+  name = meta.param_name('embedding')
+  table = meta.param_shape(name)
+  stack = table[:k]
+  ids = st.a.reshape((math.prod(stack), -1)).astype(jnp.int32)
+  n = ids.shape[-1]
+  counts = jax.vmap(
+      lambda i: jnp.zeros(table[k], jnp.float32).at[i].add(1.0))(ids)
+  h = (counts / n).reshape(stack + (table[k], 1))
+  g = _rows(_f32(st.g), k, 1)
+  s = jnp.mean(g * g, axis=-2).reshape(stack + (1, table[-1]))
+  return {name: DiagFactors(h, s)}
+
+
+def _norm_paper(st: _base.LayerStats):
+  """Diagonal empirical Fisher of scale and bias (``h = 1``).
+
+  A norm layer's parameters each touch one feature, so the Kronecker
+  factorisation degenerates; its diagonal is the mean over examples of the
+  squared per-example gradient, ``E[(sum_pos g * xhat)^2]`` for the scale and
+  ``E[(sum_pos g)^2]`` for the bias, with calls and batch as examples.
+  """
+  meta = st.meta
+  k = meta.stack_ndim
+  feat = tuple(ax + k + 1 for ax in meta.cfg('feature_axes'))
+  g = _f32(st.g)
+  ndim = g.ndim
+  # Per example: reduce every axis after (stack, call, batch) but features.
+  pos = tuple(ax for ax in range(k + 2, ndim) if ax not in feat)
+  out = {}
+  for role, value in (('scale', st.extras.get('xhat')), ('bias', None)):
+    name = meta.param_name(role)
+    if name is None:
+      continue
+    per_example = g if value is None else g * _f32(value)
+    per_example = jnp.sum(per_example, axis=pos)
+    stack = per_example.shape[:k]
+    diag = jnp.mean(per_example.reshape(stack + (-1,) + meta.param_shape(
+        name)[k:]) ** 2, axis=k)
+    out[name] = DiagFactors(
+        jnp.ones(diag.shape[:-1] + (1,), jnp.float32), diag)
+  return out
+
+
+def _norm_reference(st: _base.LayerStats):
+  """The official AdaFisher construction for BatchNorm / LayerNorm.
+
+  ``H`` is a 2-vector (scale entry, bias entry) built from the raw input
+  ``x`` and ``S`` is the squared per-feature batch gradient of the bias; see
+  research/adafisher.md §1.2. BatchNorm reduces per channel; the other norms
+  follow the LayerNorm rule (reduce over all axes but axis 1 of one call).
+  """
+  meta = st.meta
+  k = meta.stack_ndim
+  x = _f32(st.a)
+  g = _f32(st.g)
+  stack = x.shape[:k]
+  x = x.reshape(stack + (-1,) + x.shape[k + 2:])  # calls into batch
+  g = g.reshape(stack + (-1,) + g.shape[k + 2:])
+  batch = x.shape[k]
+  # Axes of one call, shifted past the stack; calls are merged into batch.
+  feat = tuple(ax + k for ax in meta.cfg('feature_axes'))
+  if meta.module == 'BatchNorm':
+    other = tuple(ax for ax in range(k + 1, x.ndim) if ax not in feat)
+    spatial = math.prod(x.shape[ax] for ax in other)
+    u = jnp.sum(x, axis=(k,) + other) / spatial ** 2
+    n_entries = math.prod(u.shape[k:])
+  else:
+    axis1 = k + 1 if x.ndim > k + 1 else k
+    other = tuple(ax for ax in range(k, x.ndim) if ax != axis1)
+    spatial = math.prod(x.shape[ax] for ax in other if ax != k)
+    u = jnp.sum(x, axis=other) / spatial ** 2
+    n_entries = u.shape[-1]
+  u = u.reshape(stack + (-1,))
+  h_scale = jnp.sum(u * u, axis=-1) / batch ** 2
+  h_bias = jnp.full(stack, n_entries / batch ** 2, jnp.float32)
+  g_other = tuple(ax for ax in range(k, g.ndim) if ax not in feat)
+  s = jnp.sum(g, axis=g_other) ** 2 / batch
+  out = {}
+  for role, h in (('scale', h_scale), ('bias', h_bias)):
+    name = meta.param_name(role)
+    if name is None:
+      continue
+    shape = meta.param_shape(name)
+    out[name] = DiagFactors(h.reshape(stack + (1,) * (len(shape) - k)),
+                            s.reshape(shape))
+  return out
+
+
+def adafisher_factors(st: _base.LayerStats,
+                      reference: bool) -> tuple[dict[str, DiagFactors], bool]:
+  """AdaFisher's raw diagonal factors ``(H_D, S_D)`` of each parameter.
+
+  Args:
+    st: one layer's captured statistics.
+    reference: use the official code's constructions (norm layers, conv
+      scaling) instead of the paper-mode ones.
+
+  Returns:
+    ``({param name: DiagFactors}, normalise_h)``. ``normalise_h`` is False
+    when ``h`` is identically one and must not be min-max normalised.
+  """
+  kind = st.meta.kind
+  if kind == 'dense':
+    return _dense(st, reference), True
+  if kind == 'conv':
+    return _conv(st, reference), True
+  if kind == 'embed':
+    return _embed(st, reference), True
+  if kind == 'norm':
+    if reference:
+      return _norm_reference(st), True
+    return _norm_paper(st), False
+  raise ValueError(f'AdaFisher has no statistics for layer kind {kind!r}.')
