@@ -333,10 +333,11 @@ Args:
   stats_every: :math:`T`, static period of the statistics refresh.
   mode: ``'paper'`` or ``'reference'``.
   fallback: preconditioner of parameters that no layer covers.
+  fallback_b2: second-moment decay of the ``'adam'`` fallback.
+  fallback_eps: epsilon of the ``'adam'`` fallback.
+  mu_dtype: dtype of the first moment (default: the parameter's).
   mask: pytree of booleans (or a callable) selecting the parameters that
     weight decay applies to.
-  **kwargs: passed to :func:`fisher_optax.scale_by_adafisher`
-    (``fallback_b2``, ``fallback_eps``, ``mu_dtype``).
 
 Returns:
   The corresponding :class:`optax.GradientTransformationExtraArgs`; its
@@ -381,14 +382,17 @@ def adafisher(
     stats_every: int = 10,
     mode: str = 'paper',
     fallback: str = 'adam',
+    fallback_b2: jax.typing.ArrayLike = 0.999,
+    fallback_eps: jax.typing.ArrayLike = 1e-8,
+    mu_dtype: Any = None,
     mask: Any = None,
-    **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask),
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
-                         fallback=fallback, **kwargs),
+                         fallback=fallback, fallback_b2=fallback_b2,
+                         fallback_eps=fallback_eps, mu_dtype=mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -404,13 +408,16 @@ def adafisherw(
     stats_every: int = 10,
     mode: str = 'paper',
     fallback: str = 'adam',
+    fallback_b2: jax.typing.ArrayLike = 0.999,
+    fallback_eps: jax.typing.ArrayLike = 1e-8,
+    mu_dtype: Any = None,
     mask: Any = None,
-    **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
-                         fallback=fallback, **kwargs),
+                         fallback=fallback, fallback_b2=fallback_b2,
+                         fallback_eps=fallback_eps, mu_dtype=mu_dtype),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
