@@ -97,6 +97,7 @@ def scale_by_adafisher(
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale updates by AdaFisher's diagonal Kronecker-factored Fisher.
 
@@ -148,6 +149,9 @@ def scale_by_adafisher(
       st = layer_stats[key]
       k = st.meta.stack_ndim
       factors, normalise_h = _stats.adafisher_factors(st, reference)
+      if axis_name is not None:
+        # Data-parallel replicas see different rows: average the factors.
+        factors = jax.tree.map(lambda x: lax.pmean(x, axis_name), factors)
       names = [n for n in sorted(factors) if n in active[key]]
       idx = [index[active[key][n]] for n in names]
       new_h = [jnp.broadcast_to(factors[n].h, h[i].shape)
@@ -192,11 +196,10 @@ def scale_by_adafisher(
         new_shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape)
                      for x in hn]
       for j, i in enumerate(idx):
-        keep = lambda new, old: jnp.where(finite, new, old)
-        h[i] = keep(ema_h[j], h[i])
-        s[i] = keep(ema_s[j], s[i])
-        scale[i] = keep(new_scale[j], scale[i])
-        shift[i] = keep(new_shift[j], shift[i])
+        h[i] = jnp.where(finite, ema_h[j], h[i])
+        s[i] = jnp.where(finite, ema_s[j], s[i])
+        scale[i] = jnp.where(finite, new_scale[j], scale[i])
+        shift[i] = jnp.where(finite, new_shift[j], shift[i])
     return h, s, scale, shift, bad
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
@@ -336,6 +339,9 @@ Args:
   fallback_b2: second-moment decay of the ``'adam'`` fallback.
   fallback_eps: epsilon of the ``'adam'`` fallback.
   mu_dtype: dtype of the first moment (default: the parameter's).
+  axis_name: under ``shard_map``/``pmap``, the data-parallel axis over which
+    the curvature factors are averaged (``lax.pmean``). Not needed under
+    ``jax.jit`` with sharded arrays, where reductions are global already.
   mask: pytree of booleans (or a callable) selecting the parameters that
     weight decay applies to.
 
@@ -385,6 +391,7 @@ def adafisher(
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Any = None,
+    axis_name: str | None = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
@@ -392,7 +399,8 @@ def adafisher(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
-                         fallback_eps=fallback_eps, mu_dtype=mu_dtype),
+                         fallback_eps=fallback_eps, mu_dtype=mu_dtype,
+                         axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -411,13 +419,15 @@ def adafisherw(
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Any = None,
+    axis_name: str | None = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
-                         fallback_eps=fallback_eps, mu_dtype=mu_dtype),
+                         fallback_eps=fallback_eps, mu_dtype=mu_dtype,
+                         axis_name=axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -418,7 +418,8 @@ class ErrorTest(absltest.TestCase):
   def test_wrong_shape(self):
     params = dict(self.params)
     params['Dense_0'] = {'kernel': jnp.zeros((4, 7)), 'bias': jnp.zeros(7)}
-    with self.assertRaisesRegex(ValueError, "'Dense_0/(kernel|bias)' has shape"):
+    with self.assertRaisesRegex(ValueError,
+                                "'Dense_0/(kernel|bias)' has shape"):
       self._update(self.stats, params, params)
 
   def test_layer_disappearing_between_steps(self):
