@@ -12,7 +12,7 @@ two-core CPU, including compilation.
 
 Usage::
 
-  python examples/mnist.py [--steps 600] [--batch-size 128] [--seed 0]
+  python examples/mnist.py [--steps 400] [--batch-size 128] [--seed 0]
       [--out examples/out]
 
 AdaFisher is fed the per-layer statistics that
@@ -39,7 +39,9 @@ import fisher_optax as fo
 
 # Learning rates from the sweep in benchmarks/lr_sweep.py (same CNN, data
 # split, batch size and number of steps as this script).
-BEST_LR = {'adam': 1e-3, 'adafisher': 1e-3}
+# Held-out loss at the best lr, 400 steps, mean of 2 seeds: adam 0.087,
+# adafisher 0.112 (grids: adam 3e-4..1e-2, adafisher 3e-5..1e-2).
+BEST_LR = {'adam': 3e-3, 'adafisher': 3e-3}
 
 # Number of final steps whose mean training loss is reported.
 LAST_STEPS = 50
@@ -247,7 +249,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=600,
+  parser.add_argument('--steps', type=int, default=400,
                       help='training steps per optimizer')
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--seed', type=int, default=0,

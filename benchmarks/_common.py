@@ -1,0 +1,128 @@
+"""Models and jitted train steps shared by the benchmark scripts.
+
+The CNN is the one of ``examples/mnist.py``; the MLP is 784-512-512-10. Both
+take MNIST-shaped images ``(batch, 28, 28, 1)``.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+
+import fisher_optax as fo
+
+Params = Any
+# train_step(params, opt_state, images, labels) -> (params, opt_state, loss)
+TrainStep = Callable[..., tuple[Params, optax.OptState, jax.Array]]
+
+
+class MLP(nn.Module):
+  """784-512-512-10 with ReLU."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(512)(x))
+    x = nn.relu(nn.Dense(512)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """Two conv layers with average pooling, then two dense layers."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(16, kernel_size=(3, 3))(x)
+    x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(32, kernel_size=(3, 3))(x)
+    x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+MODELS = {'mlp': MLP, 'cnn': CNN}
+
+
+def make_loss_fn(model: nn.Module) -> Callable[..., jax.Array]:
+  """Returns the mean softmax cross-entropy ``loss_fn(params, x, y)``."""
+
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss_fn
+
+
+def _jit(fn, donate: bool):
+  return jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+
+
+def make_adam_step(model: nn.Module, learning_rate: float,
+                   donate: bool = False
+                   ) -> tuple[optax.GradientTransformation, TrainStep]:
+  """Adam on plain gradients from :func:`jax.value_and_grad`."""
+  loss_fn = make_loss_fn(model)
+  tx = optax.adam(learning_rate)
+
+  def train_step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, _jit(train_step, donate)
+
+
+def make_adafisher_step(model: nn.Module, learning_rate: float,
+                        donate: bool = False, **kwargs
+                        ) -> tuple[optax.GradientTransformation, TrainStep]:
+  """AdaFisher on gradients and statistics captured from the model.
+
+  Args:
+    model: the Flax module.
+    learning_rate: AdaFisher's learning rate.
+    donate: donate ``params`` and ``opt_state`` to the jitted step.
+    **kwargs: passed to :func:`fisher_optax.adafisher` (``damping``,
+      ``stats_every``, ``mode``, ...).
+
+  Returns:
+    ``(tx, train_step)``.
+  """
+  step_fn = fo.linen.value_grad_and_stats(make_loss_fn(model))
+  tx = fo.adafisher(learning_rate, **kwargs)
+
+  def train_step(params, opt_state, x, y):
+    loss, grads, layer_stats = step_fn(params, x, y)
+    updates, opt_state = tx.update(
+        grads, opt_state, params, layer_stats=layer_stats)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, _jit(train_step, donate)
+
+
+def make_capture_adam_step(model: nn.Module, learning_rate: float,
+                           donate: bool = False
+                           ) -> tuple[optax.GradientTransformation, TrainStep]:
+  """Adam fed by the capturing step; the statistics are returned, unused.
+
+  This isolates the cost of the capture (the extra perturbation inputs, the
+  sown activations and the cotangents kept alive as outputs) from the cost of
+  AdaFisher's update. Returning ``layer_stats`` keeps XLA from removing them,
+  as AdaFisher's ``lax.cond`` operands do.
+  """
+  step_fn = fo.linen.value_grad_and_stats(make_loss_fn(model))
+  tx = optax.adam(learning_rate)
+
+  def train_step(params, opt_state, x, y):
+    loss, grads, layer_stats = step_fn(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, (loss,
+                                                             layer_stats)
+
+  return tx, _jit(train_step, donate)
