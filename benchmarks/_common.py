@@ -5,6 +5,8 @@ take MNIST-shaped images ``(batch, 28, 28, 1)``.
 """
 
 from collections.abc import Callable
+import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +14,13 @@ import jax
 import optax
 
 import fisher_optax as fo
+
+# The benchmarks measure the example's model, loss and AdaFisher settings.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'examples'))
+from mnist import ADAFISHER_KWARGS  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from mnist import CNN  # noqa: E402  pylint: disable=g-import-not-at-top
+from mnist import make_loss_fn  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 
 Params = Any
 # train_step(params, opt_state, images, labels) -> (params, opt_state, loss)
@@ -31,33 +40,7 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-class CNN(nn.Module):
-  """Two conv layers with average pooling, then two dense layers."""
-
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(16, kernel_size=(3, 3))(x)
-    x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
-    x = nn.Conv(32, kernel_size=(3, 3))(x)
-    x = nn.avg_pool(nn.relu(x), window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(self.num_classes)(x)
-
-
 MODELS = {'mlp': MLP, 'cnn': CNN}
-
-
-def make_loss_fn(model: nn.Module) -> Callable[..., jax.Array]:
-  """Returns the mean softmax cross-entropy ``loss_fn(params, x, y)``."""
-
-  def loss_fn(params, x, y):
-    logits = model.apply({'params': params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  return loss_fn
 
 
 def _jit(fn, donate: bool):

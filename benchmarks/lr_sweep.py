@@ -26,9 +26,7 @@ Usage::
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -40,18 +38,16 @@ import optax
 import _common
 import fisher_optax as fo
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))), 'examples'))
-import _mnist_data  # noqa: E402  pylint: disable=g-import-not-at-top
+import _mnist_data  # noqa: E402  (on sys.path via _common)
 
 BATCH = 128
 GRIDS = {
     'adam': (3e-4, 1e-3, 3e-3),
     'adafisher': (3e-5, 1e-4, 3e-4, 1e-3),
 }
-ADAFISHER_KWARGS = dict(b1=0.9, damping=1e-3, fisher_decay=0.8,
-                        stats_every=10, mode='paper')
+# The example's settings; weight decay stays out of the injected arguments.
+ADAFISHER_KWARGS = {k: v for k, v in _common.ADAFISHER_KWARGS.items()
+                    if k != 'weight_decay'}
 
 
 def half_decade(lr: float, up: bool) -> float:

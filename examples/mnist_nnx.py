@@ -23,6 +23,7 @@ import tqdm
 
 import _mnist_data
 import fisher_optax as fo
+from mnist import ADAFISHER_KWARGS
 from mnist import BEST_LR
 
 
@@ -83,15 +84,7 @@ def main() -> None:
 
   learning_rate = BEST_LR['adafisher']
   model = CNN(rngs=nnx.Rngs(args.seed))
-  tx = fo.adafisher(
-      learning_rate,
-      b1=0.9,
-      damping=1e-3,
-      fisher_decay=0.8,
-      stats_every=10,
-      weight_decay=0.0,
-      mode='paper',
-  )
+  tx = fo.adafisher(learning_rate, **ADAFISHER_KWARGS)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   losses = []
