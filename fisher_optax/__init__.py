@@ -12,8 +12,13 @@ from fisher_optax._adafisher import scale_by_adafisher
 from fisher_optax._adafisher import ScaleByAdaFisherState
 from fisher_optax._base import LayerMeta
 from fisher_optax._base import LayerStats
+from fisher_optax._kfac import kfac
+from fisher_optax._kfac import scale_by_kfac
+from fisher_optax._kronecker import KroneckerState
 from fisher_optax._pairing import coverage
 from fisher_optax._pairing import Coverage
+from fisher_optax._tkfac import scale_by_tkfac
+from fisher_optax._tkfac import tkfac
 from fisher_optax.capture import linen
 from fisher_optax.capture import nnx
 
@@ -21,13 +26,18 @@ __version__ = '0.1.0'
 
 __all__ = (
     'Coverage',
+    'KroneckerState',
     'LayerMeta',
     'LayerStats',
     'ScaleByAdaFisherState',
     'adafisher',
     'adafisherw',
     'coverage',
+    'kfac',
     'linen',
     'nnx',
     'scale_by_adafisher',
+    'scale_by_kfac',
+    'scale_by_tkfac',
+    'tkfac',
 )

@@ -58,15 +58,6 @@ def _slot_shape(shape):
   return tuple(shape[:-1]) + (1,) if len(shape) else ()
 
 
-def _flatten(tree):
-  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_base.is_masked)
-  paths = [_base.path_str(tuple(
-      k for k in p if not _base._is_variable_value_key(k)))  # pylint: disable=protected-access
-           for p, _ in paths_leaves]
-  return paths, [leaf for _, leaf in paths_leaves], treedef
-
-
 def _per_stack(x, k: int, fn: Callable[..., jax.Array]):
   """Reduces all but the first ``k`` axes."""
   return fn(x, axis=tuple(range(k, x.ndim))) if x.ndim > k else x
@@ -214,13 +205,13 @@ def scale_by_adafisher(
           'would silently lose their preconditioner.')
     known_layers.update(layer_stats)
 
-    paths, grads, treedef = _flatten(updates)
+    paths, grads, treedef = _base.flatten_leaves(updates)
     index = {p: i for i, p in enumerate(paths)}
-    _, mu, _ = _flatten(state.mu)
-    _, h, _ = _flatten(state.h)
-    _, s, _ = _flatten(state.s)
-    _, scale, _ = _flatten(state.scale)
-    _, shift, _ = _flatten(state.shift)
+    _, mu, _ = _base.flatten_leaves(state.mu)
+    _, h, _ = _base.flatten_leaves(state.h)
+    _, s, _ = _base.flatten_leaves(state.s)
+    _, scale, _ = _base.flatten_leaves(state.scale)
+    _, shift, _ = _base.flatten_leaves(state.shift)
 
     active: dict[str, dict[str, str]] = {}
     for path, a in assignments.items():

@@ -135,6 +135,15 @@ def _is_variable_value_key(k: Any) -> bool:
       'value', 'raw_value', '_raw_value')
 
 
+def flatten_leaves(tree: Any):
+  """``(paths, leaves, treedef)`` of ``tree``; masked nodes are leaves."""
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_masked)
+  paths = [path_str(tuple(k for k in p if not _is_variable_value_key(k)))
+           for p, _ in paths_leaves]
+  return paths, [leaf for _, leaf in paths_leaves], treedef
+
+
 def split_path(path: PathKey) -> tuple[PathKey, str]:
   """'a/b/kernel' -> ('a/b', 'kernel')."""
   head, _, name = path.rpartition('/')

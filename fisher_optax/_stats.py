@@ -42,7 +42,8 @@ def _rows(x, stack_ndim: int, feature_ndim: int):
 
 
 def _f32(x):
-  return x.astype(jnp.float32)
+  # At least float32: bf16 activations are promoted, float64 tests stay exact.
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _dense(st: _base.LayerStats, reference: bool):
@@ -266,3 +267,115 @@ def adafisher_factors(st: _base.LayerStats,
       return _norm_reference(st), True
     return _norm_paper(st), False
   raise ValueError(f'AdaFisher has no statistics for layer kind {kind!r}.')
+
+
+# ----------------------------------------------------------------------------
+# Kronecker factors (K-FAC, TKFAC, EKFAC).
+#
+# A layer's rows are (example, position, call) triples: for a dense layer on
+# tokens the positions are tokens, for a conv the output locations (KFC's
+# spatial-independence assumption), and calls of a shared layer add rows too.
+# With per-example cotangents g_r (the captured g times the batch size for a
+# batch-mean loss) and bias-augmented inputs a_r, the location-expanded
+# empirical Fisher block is F = T * mean_r[(a_r a_r^T) (x) (g_r g_r^T)] with T
+# rows per example, and
+#   K-FAC:  A = mean_r a_r a_r^T,          G = T mean_r g_r g_r^T
+#   TKFAC:  delta = T mean_r |a_r|^2 |g_r|^2 = tr F,
+#           Phi_raw = T mean_r |g_r|^2 a_r a_r^T,
+#           Psi_raw = T mean_r |a_r|^2 g_r g_r^T,
+#           Phi = Phi_raw / delta, Psi = Psi_raw / delta (unit trace).
+
+
+class KroneckerRows(NamedTuple):
+  """Rows of one layer for Kronecker statistics.
+
+  ``a``: ``(*stack, groups, N, d_in [+1])`` inputs (patches for convs) with a
+  trailing ones column when the layer has a bias; ``g``: ``(*stack, groups,
+  N, d_out)`` per-example output cotangents; ``positions``: rows per
+  example ``T`` (positions x calls). Grouped convolutions are independent
+  layers per group, so groups form a leading axis (1 for other layers).
+  """
+
+  a: jax.Array
+  g: jax.Array
+  positions: int
+
+
+def conv_patches(x, meta: _base.LayerMeta):
+  """Input patches in the HWIO kernel's feature order.
+
+  Args:
+    x: ``(rows..., *spatial, C_in)`` inputs of one stack element.
+    meta: the conv layer's metadata.
+
+  Returns:
+    ``(groups, N * positions, prod(kernel_size) * C_in / groups)`` with
+    features ordered like ``kernel.reshape(-1, C_out)`` of one group.
+  """
+  cfg = dict(meta.config)
+  ks = cfg['kernel_size']
+  n = len(ks)
+  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  spatial = 'DHW'[-n:]
+  c_in = x.shape[-1]
+  dn = lax.conv_dimension_numbers(
+      x.shape, ks + (c_in, c_in), ('N' + spatial + 'C', spatial + 'IO',
+                                   'N' + spatial + 'C'))
+  p = lax.conv_general_dilated_patches(
+      x, ks, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
+      cfg['rhs_dilation'], dn)
+  groups = cfg['groups']
+  # Patch features are ordered (C_in, *kernel_size); the kernel is
+  # (*kernel_size, C_in/groups, C_out) with group-major channels.
+  p = p.reshape((-1, groups, c_in // groups, math.prod(ks)))
+  p = jnp.swapaxes(p, -1, -2).reshape((-1, groups, math.prod(ks) *
+                                       (c_in // groups)))
+  return jnp.swapaxes(p, 0, 1)
+
+
+def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean'):
+  """:class:`KroneckerRows` of a dense or conv layer.
+
+  Args:
+    st: the layer's captured statistics.
+    loss_reduction: ``'mean'`` if the loss averages over the batch (the
+      leading axis of one call's input): ``g`` is rescaled by the batch size
+      to per-example cotangents; ``'sum'`` uses ``g`` as is.
+
+  Returns:
+    The layer's :class:`KroneckerRows`.
+  """
+  meta = st.meta
+  k = meta.stack_ndim
+  kernel_name = meta.param_name('kernel')
+  kernel = meta.param_shape(kernel_name)
+  stack = kernel[:k]
+  has_bias = meta.param_name('bias') is not None
+  batch = st.a.shape[k + 1]
+  scale = float(batch) if loss_reduction == 'mean' else 1.0
+  if meta.kind == 'conv':
+    groups = meta.cfg('groups')
+    a = jax.vmap(lambda x: conv_patches(_f32(x), meta))(
+        st.a.reshape((-1,) + st.a.shape[k:]))
+    a = a.reshape(stack + a.shape[1:])
+    g = _f32(st.g).reshape(stack + (-1, groups, kernel[-1] // groups))
+    g = jnp.moveaxis(g, -2, -3)
+  elif meta.kind == 'dense':
+    in_axes = meta.cfg('in_axes')
+    a = _f32(st.a)
+    n_in = 1
+    if in_axes is not None:
+      src = [k + 1 + ax for ax in in_axes]
+      a = jnp.moveaxis(a, src, list(range(a.ndim - len(src), a.ndim)))
+      n_in = len(in_axes)
+    a = a.reshape(stack + (1, -1, math.prod(kernel[k:k + n_in])))
+    g = _f32(st.g).reshape(stack + (1, -1, math.prod(kernel[k + n_in:])))
+  else:
+    raise ValueError(f'no Kronecker rows for layer kind {meta.kind!r}')
+  if has_bias:
+    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
+  rows = a.shape[-2]
+  return KroneckerRows(a, g * scale, rows // batch)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 
 import fisher_optax as fo
 from fisher_optax import _adafisher
+from fisher_optax import _kfac
 from fisher_optax import _pairing
+from fisher_optax import _tkfac
 from fisher_optax.capture import linen as capture_linen
 from fisher_optax.capture import nnx as capture_nnx
 
@@ -32,7 +34,8 @@ class ApiTest(parameterized.TestCase):
     for name in fo.__all__:
       self.assertTrue(hasattr(fo, name), name)
 
-  @parameterized.parameters(_adafisher, _pairing, capture_linen, capture_nnx)
+  @parameterized.parameters(_adafisher, _kfac, _pairing, _tkfac,
+                            capture_linen, capture_nnx)
   def test_doctests(self, module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     self.assertGreater(result.attempted, 0)

@@ -1,0 +1,221 @@
+"""K-FAC: Kronecker-factored approximate curvature, the shared baseline.
+
+Martens & Grosse (2015) for dense layers, Grosse & Martens (2016, KFC) for
+convolutions. Per layer, with rows ``r`` (examples x positions), bias-
+augmented inputs ``a_r`` and per-example output cotangents ``g_r``
+(``_stats.kronecker_rows``)::
+
+  A = mean_r a_r a_r^T            G = T mean_r g_r g_r^T
+  W <- (A + pi sqrt(lambda) I)^-1 W (G + sqrt(lambda)/pi I)^-1
+
+with ``pi`` the trace-norm split (``damping_mode='factored'``), or
+``W <- U_A [(U_A^T W U_G) / (s_A s_G^T + lambda)] U_G^T`` with the factors'
+eigendecompositions (``damping_mode='eigen'``). The engine
+(``_kronecker.py``) handles averaging, periods, bucketed inverses, momentum
+and fallbacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fisher_optax import _base
+from fisher_optax import _kronecker
+from fisher_optax import _linalg
+
+
+def _one_hot_mean(ids, d, weights=None):
+  """``mean_r w_r e_{id_r}`` for ids ``(*lead, N)``: a diagonal factor."""
+  lead = ids.shape[:-1]
+  flat = ids.reshape((-1, ids.shape[-1]))
+  w = jnp.ones(flat.shape, jnp.float32) if weights is None else (
+      weights.reshape(flat.shape))
+  out = jax.vmap(lambda i, w: jnp.zeros(d, jnp.float32).at[i].add(w))(flat, w)
+  return out.reshape(lead + (d,)) / ids.shape[-1]
+
+
+def _statistics(rows, layout, block_size):
+  g = rows.positions * _linalg.block_outer(rows.g, block_size)
+  if layout.kind == 'embed':
+    return {'A': _one_hot_mean(rows.a, layout.d_in), 'G': g}
+  return {'A': _linalg.block_outer(rows.a, block_size), 'G': g}
+
+
+def _shapes(layout, block_in, block_out):
+  nb_o, b_o = _kronecker.block_shape(layout.d_out, block_out)
+  if layout.kind == 'embed':
+    a = layout.lead + (layout.d_in,)
+  else:
+    nb_i, b_i = _kronecker.block_shape(layout.d_in, block_in)
+    a = layout.lead + (nb_i, b_i, b_i)
+  return {'A': a, 'G': layout.lead + (nb_o, b_o, b_o)}
+
+
+KFAC = _kronecker.Algorithm(
+    name='kfac',
+    statistics=_statistics,
+    shapes=_shapes,
+    factors=lambda stats: (stats['A'], stats['G'], 'pi'),
+)
+
+
+def scale_by_kfac(
+    damping: jax.typing.ArrayLike = 1e-3,
+    fisher_decay: jax.typing.ArrayLike = 0.95,
+    momentum: jax.typing.ArrayLike = 0.9,
+    *,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    block_size: int | None = None,
+    damping_mode: str = 'factored',
+    momentum_style: str = 'heavy_ball',
+    loss_reduction: str = 'mean',
+    inverse_method: str = 'cholesky',
+    layers: Mapping[str, _base.LayerStats] | None = None,
+    fallback_b2: jax.typing.ArrayLike = 0.999,
+    fallback_eps: jax.typing.ArrayLike = 1e-8,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """K-FAC preconditioning; see :func:`fisher_optax.kfac`."""
+  return _kronecker.scale_by_kronecker(
+      KFAC, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
+      stats_every=stats_every, inverse_every=inverse_every,
+      block_size=block_size, damping_mode=damping_mode,
+      momentum_style=momentum_style, loss_reduction=loss_reduction,
+      inverse_method=inverse_method, layers=layers, fallback_b2=fallback_b2,
+      fallback_eps=fallback_eps, axis_name=axis_name)
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: jax.typing.ArrayLike = 1e-3,
+    fisher_decay: jax.typing.ArrayLike = 0.95,
+    momentum: jax.typing.ArrayLike = 0.9,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    block_size: int | None = None,
+    damping_mode: str = 'factored',
+    momentum_style: str = 'heavy_ball',
+    loss_reduction: str = 'mean',
+    inverse_method: str = 'cholesky',
+    layers: Mapping[str, _base.LayerStats] | None = None,
+    fallback_b2: jax.typing.ArrayLike = 0.999,
+    fallback_eps: jax.typing.ArrayLike = 1e-8,
+    axis_name: str | None = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""K-FAC with heavy-ball momentum (or Adam-style, see below).
+
+  Let :math:`\alpha` be the learning rate, :math:`\lambda` ``damping``,
+  :math:`\epsilon` ``fisher_decay`` and :math:`\mu` ``momentum``. Per
+  captured dense or conv layer with rows :math:`r` (examples x positions,
+  :math:`T` per example), bias-augmented inputs :math:`\bar a_r` and
+  per-example output cotangents :math:`g_r`, every ``stats_every`` steps
+
+  .. math::
+    \begin{align*}
+      A &\leftarrow \epsilon A + (1-\epsilon)\,
+        \mathrm{mean}_r\, \bar a_r \bar a_r^\top, \qquad
+      G \leftarrow \epsilon G + (1-\epsilon)\, T\,
+        \mathrm{mean}_r\, g_r g_r^\top
+    \end{align*}
+
+  (the first refresh takes the new statistics as they are), every
+  ``inverse_every`` steps the damped factors are inverted, and every step,
+  with :math:`W` the layer's gradient as a :math:`d_{in} \times d_{out}`
+  matrix (bias row appended),
+
+  .. math::
+    \begin{align*}
+      \pi &= \sqrt{\frac{\mathrm{tr}(A)/d_{in}}{\mathrm{tr}(G)/d_{out}}}, \quad
+      D = (A + \pi\sqrt\lambda I)^{-1}\, W\, (G + \sqrt\lambda/\pi\, I)^{-1}
+      \\
+      m &\leftarrow \mu m + D, \quad
+      \theta \leftarrow \theta - \alpha\, m.
+    \end{align*}
+
+  ``damping_mode='eigen'`` replaces the factored damping by exact damping in
+  the factors' eigenbasis, :math:`D = U_A [(U_A^\top W U_G) \oslash (s_A
+  s_G^\top + \lambda)] U_G^\top`. ``momentum_style='adam'`` averages the
+  gradient first (:math:`m \leftarrow \mu m + (1-\mu) g`) and preconditions
+  the bias-corrected average. Embedding tables use a diagonal :math:`A`
+  (token frequencies); norm layers a diagonal empirical Fisher plus
+  :math:`\lambda`; parameters no layer covers Adam. ``block_size`` splits
+  every factor into diagonal blocks of at most that size (a 4096-wide layer
+  costs 4096/b inverses of size b); inverses of all layers run as one
+  batched call per block size. ``weight_decay`` is added to the gradient
+  before preconditioning (L2).
+
+  Args:
+    learning_rate: :math:`\alpha`, a scalar or a schedule.
+    damping: :math:`\lambda`.
+    fisher_decay: :math:`\epsilon`, decay of the factor averages.
+    momentum: :math:`\mu`.
+    weight_decay: L2 coefficient added to the gradient.
+    stats_every: static period of the statistics refresh.
+    inverse_every: static period of the inverse refresh.
+    block_size: largest diagonal block of a factor (None: full factors).
+    damping_mode: ``'factored'`` or ``'eigen'``.
+    momentum_style: ``'heavy_ball'`` or ``'adam'``.
+    loss_reduction: ``'mean'`` if the loss averages over the batch (the
+      captured cotangents are rescaled to per-example ones), else ``'sum'``.
+    inverse_method: ``'cholesky'``, ``'inv'`` or ``'eigh'``.
+    layers: the ``layer_stats`` of one step (arrays unused, e.g. from
+      ``jax.eval_shape``), needed when ``init(params)`` cannot infer factor
+      shapes: stacked (``nn.scan``), grouped-conv or multi-output layers.
+    fallback_b2: Adam's second-moment decay for uncovered parameters.
+    fallback_eps: Adam's epsilon for uncovered parameters.
+    axis_name: data-parallel axis to ``pmean`` statistics over under
+      ``shard_map``/``pmap``.
+    mask: weight-decay mask.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update``
+    takes ``layer_stats=``.
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> import fisher_optax as fo
+    >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
+    >>> x = jax.random.normal(jax.random.key(0), (64, 4))
+    >>> y = jnp.sum(x, axis=1, keepdims=True)
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+    >>> step_fn = fo.linen.value_grad_and_stats(loss_fn)
+    >>> tx = fo.kfac(learning_rate=0.2, damping=0.1, inverse_every=5)
+    >>> opt_state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, opt_state):
+    ...   loss, grads, stats = step_fn(params)
+    ...   updates, opt_state = tx.update(grads, opt_state, params,
+    ...                                  layer_stats=stats)
+    ...   return optax.apply_updates(params, updates), opt_state, loss
+    >>> for _ in range(50):
+    ...   params, opt_state, loss = step(params, opt_state)
+    >>> print(loss < 0.05)
+    True
+
+  References:
+    Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
+
+    Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for
+    convolution layers <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_kfac(
+          damping, fisher_decay, momentum, stats_every=stats_every,
+          inverse_every=inverse_every, block_size=block_size,
+          damping_mode=damping_mode, momentum_style=momentum_style,
+          loss_reduction=loss_reduction, inverse_method=inverse_method,
+          layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
+          axis_name=axis_name),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,420 @@
+"""Linear algebra on stacks of small symmetric positive semi-definite blocks.
+
+K-FAC, TKFAC, EKFAC and Mini-Block Fisher all approximate a layer's curvature
+by a block-diagonal matrix whose blocks are small (tens to a few thousand
+rows) symmetric positive semi-definite (PSD) matrices. They need the same few
+operations on those blocks: build them from captured rows, damp and invert or
+eigendecompose them, multiply a gradient by them, and survive the occasional
+non-finite factorisation. Keeping these in one module means every algorithm
+pads, symmetrises, damps and guards the same way, so a fix made here reaches
+all of them.
+
+Conventions:
+
+* Blocks are arrays of shape ``(..., b, b)``; leading axes are stack axes
+  (``nn.scan`` over layers, the block index of a block-diagonal factor, ...)
+  and everything broadcasts and batches over them, so the functions are
+  ``jit`` and ``vmap`` friendly and never loop in Python over blocks.
+* A factor of ``n`` features split into blocks of size ``b`` has
+  ``nb = ceil(n / b)`` blocks. When ``b`` does not divide ``n``, the features
+  are zero-padded to ``nb * b`` and the padded diagonal entries are 1, so the
+  last block stays positive definite and padding never couples to a real
+  feature. :func:`block_apply` pads vectors with zeros and slices the padding
+  off again, so padded entries never reach a result.
+* Computations are done in at least float32: curvature statistics in
+  bfloat16 are too coarse to be inverted.
+* Contractions use ``Precision.HIGHEST`` by default. On GPUs the default
+  float32 matmul may run in TF32 (10-bit mantissa), and the inverse of a
+  weakly damped factor amplifies that error by its condition number; the
+  blocks are small, so the exact product costs little.
+* Many layers share a few block sizes. :func:`bucketed` concatenates all
+  blocks of one size into a single stack so that each expensive
+  factorisation is traced and launched once per block size, not once per
+  layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import math
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+# Smallest trace mean accepted by `pi_damping`; keeps the ratio finite when a
+# factor is all zeros (dead units, or before the first statistics arrive).
+_PI_EPS = 1e-30
+
+_METHODS = ('cholesky', 'inv', 'eigh')
+
+
+def _float(x) -> jax.Array:
+  """``x`` as an array of at least float32."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _symmetrise(blocks: jax.Array) -> jax.Array:
+  # Accumulated statistics and round-off leave tiny asymmetries; Cholesky and
+  # eigh read only one triangle, so symmetrising makes the result independent
+  # of which triangle that is.
+  return 0.5 * (blocks + jnp.swapaxes(blocks, -1, -2))
+
+
+def _eye_like(blocks: jax.Array) -> jax.Array:
+  return jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+
+
+def _block_layout(n: int, block_size: int | None) -> tuple[int, int]:
+  """(b, nb) for ``n`` features in blocks of at most ``block_size``."""
+  if n < 1:
+    raise ValueError(f'Need at least one feature, got n={n}.')
+  if block_size is not None and block_size < 1:
+    raise ValueError(f'block_size must be positive, got {block_size}.')
+  b = n if block_size is None else min(block_size, n)
+  return b, -(-n // b)
+
+
+def block_outer(
+    x: jax.Array,
+    block_size: int | None,
+    weights: jax.Array | None = None,
+    *,
+    precision: lax.Precision | None = lax.Precision.HIGHEST,
+) -> jax.Array:
+  """Diagonal blocks of the weighted second moment ``x^T diag(w) x / N``.
+
+  The full ``n x n`` moment is never formed when there is more than one
+  block: the features are reshaped into ``(nb, b)`` and contracted per block,
+  which costs ``N * n * b`` instead of ``N * n**2``.
+
+  Args:
+    x: Rows of shape ``(..., N, n)``: ``N`` rows of ``n`` features, leading
+      axes are stack axes.
+    block_size: Largest block size ``b``; ``None`` means one block of all
+      ``n`` features. Clipped to ``n``.
+    weights: Optional per-row weights of shape ``(..., N)`` broadcasting
+      against the leading axes of ``x``; default all ones. The moment is
+      still divided by ``N``, not by the sum of the weights.
+    precision: Precision of the contraction.
+
+  Returns:
+    Blocks of shape ``(..., nb, b, b)`` with ``nb = ceil(n / b)``. If ``b``
+    does not divide ``n`` the last block covers ``n - (nb - 1) * b`` real
+    features; its remaining diagonal entries are 1 and its remaining
+    off-diagonal entries 0.
+  """
+  x = _float(x)
+  num_rows, n = x.shape[-2:]
+  b, nb = _block_layout(n, block_size)
+  pad = nb * b - n
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  xb = x.reshape(x.shape[:-1] + (nb, b))
+  xw = xb if weights is None else xb * _float(weights)[..., None, None]
+  out = jnp.einsum('...rki,...rkj->...kij', xw, xb, precision=precision)
+  out = out / max(num_rows, 1)
+  if pad:
+    # A unit diagonal on the padded features keeps the last block invertible
+    # without damping and leaves the real features' block untouched.
+    pad_diag = np.zeros((nb * b,), np.float32)
+    pad_diag[n:] = 1.0
+    out = out + jnp.asarray(
+        pad_diag.reshape(nb, b)[:, :, None] * np.eye(b, dtype=np.float32),
+        out.dtype)
+  return out
+
+
+def block_apply(
+    blocks: jax.Array,
+    v: jax.Array,
+    side: str = 'left',
+    *,
+    precision: lax.Precision | None = lax.Precision.HIGHEST,
+) -> jax.Array:
+  """Multiplies ``v`` by a block-diagonal matrix given by its blocks.
+
+  Args:
+    blocks: Blocks of shape ``(..., nb, b, b)`` of the block-diagonal matrix
+      ``B = blockdiag(blocks)`` of size ``nb * b``.
+    v: A matrix of shape ``(..., n, m)`` for ``side='left'`` or
+      ``(..., m, n)`` for ``side='right'``, with ``n <= nb * b``. A vector is
+      passed as a one-column (or one-row) matrix. Leading axes broadcast
+      against those of ``blocks``.
+    side: ``'left'`` computes ``B @ v``, ``'right'`` computes ``v @ B``.
+    precision: Precision of the products.
+
+  Returns:
+    ``B[:n, :n] @ v`` (left) or ``v @ B[:n, :n]`` (right), same trailing
+    shape as ``v``. Only the top-left ``n x n`` part of ``B`` is used:
+    ``v`` is zero-padded to ``nb * b`` and the padded part of the result is
+    dropped.
+  """
+  if side not in ('left', 'right'):
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+  nb, b = blocks.shape[-3], blocks.shape[-1]
+  axis = -2 if side == 'left' else -1
+  n = v.shape[axis]
+  pad = nb * b - n
+  if pad < 0:
+    raise ValueError(f'v has {n} features along axis {axis}, more than the '
+                     f'{nb} x {b} block-diagonal matrix.')
+  if pad:
+    widths = [(0, 0)] * v.ndim
+    widths[axis] = (0, pad)
+    v = jnp.pad(v, widths)
+  if side == 'left':
+    m = v.shape[-1]
+    vb = v.reshape(v.shape[:-2] + (nb, b, m))
+    out = jnp.matmul(blocks, vb, precision=precision)
+    out = out.reshape(out.shape[:-3] + (nb * b, m))
+    return out[..., :n, :]
+  m = v.shape[-2]
+  # (..., m, nb, b) -> (..., nb, m, b) so that nb becomes a batch axis.
+  vb = jnp.swapaxes(v.reshape(v.shape[:-1] + (nb, b)), -3, -2)
+  out = jnp.swapaxes(jnp.matmul(vb, blocks, precision=precision), -3, -2)
+  out = out.reshape(out.shape[:-3] + (m, nb * b))
+  return out[..., :n]
+
+
+def safe_eigh(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigendecomposition of symmetrised PSD blocks, eigenvalues clipped at 0.
+
+  Round-off makes the smallest eigenvalues of a PSD matrix slightly
+  negative; clipping them keeps the reconstruction PSD so that damping alone
+  bounds its inverse.
+
+  Args:
+    blocks: Blocks of shape ``(..., b, b)``.
+
+  Returns:
+    ``(eigenvalues, eigenvectors)`` of shapes ``(..., b)`` (ascending,
+    non-negative) and ``(..., b, b)`` (columns), such that
+    ``V @ diag(w) @ V^T`` is the PSD part of ``(blocks + blocks^T) / 2``.
+  """
+  w, v = jnp.linalg.eigh(_symmetrise(_float(blocks)), symmetrize_input=False)
+  return jnp.maximum(w, 0.0), v
+
+
+def damped_inverse(
+    blocks: jax.Array,
+    damping: jax.Array | float,
+    method: str = 'cholesky',
+) -> jax.Array:
+  """Inverse of ``blocks + damping * I`` for a stack of symmetric blocks.
+
+  Args:
+    blocks: Blocks of shape ``(..., b, b)``; symmetrised before use.
+    damping: Scalar or array broadcasting against the leading axes ``...``
+      (one damping per block).
+    method: ``'cholesky'`` (Cholesky factor and two triangular solves; the
+      cheapest, but NaN if a damped block is not positive definite),
+      ``'inv'`` (LU inverse) or ``'eigh'`` (eigendecomposition with
+      eigenvalues clipped at 0 as in :func:`safe_eigh`, so it is finite for
+      any positive damping; it inverts the PSD part of the block, which for a
+      PSD block differs from the exact inverse only by round-off).
+
+  Returns:
+    Symmetric inverses of shape ``(..., b, b)``. Non-finite results are left
+    as they are; see :func:`keep_finite`.
+  """
+  if method not in _METHODS:
+    raise ValueError(f'method must be one of {_METHODS}, got {method!r}.')
+  blocks = _symmetrise(_float(blocks))
+  damping = jnp.asarray(damping, blocks.dtype)
+  eye = _eye_like(blocks)
+  if method == 'eigh':
+    w, v = safe_eigh(blocks)
+    scale = 1.0 / (w + damping[..., None])
+    out = jnp.matmul(v * scale[..., None, :], jnp.swapaxes(v, -1, -2),
+                     precision=lax.Precision.HIGHEST)
+  elif method == 'inv':
+    out = jnp.linalg.inv(blocks + damping[..., None, None] * eye)
+  else:
+    damped = blocks + damping[..., None, None] * eye
+    chol = jnp.linalg.cholesky(damped)
+    out = jax.scipy.linalg.cho_solve(
+        (chol, True), jnp.broadcast_to(eye, damped.shape))
+  # None of the methods returns an exactly symmetric result in floating
+  # point; downstream eigendecompositions and moving averages assume one.
+  return _symmetrise(out)
+
+
+def keep_finite(
+    new: jax.Array,
+    old: jax.Array,
+    block_ndim: int = 2,
+) -> tuple[jax.Array, jax.Array]:
+  """Replaces blocks of ``new`` that contain a non-finite entry by ``old``.
+
+  A failed factorisation (Cholesky of an indefinite block, overflow) poisons
+  a whole block; keeping the previous value of just that block lets the
+  other blocks and layers carry on.
+
+  Args:
+    new: Array of shape ``(..., *block)`` with ``block_ndim`` trailing block
+      axes, e.g. ``(..., b, b)`` for matrices and ``block_ndim=1`` for
+      eigenvalues ``(..., b)``.
+    old: Fallback of the same shape as ``new``.
+    block_ndim: Number of trailing axes that form one block; clipped to
+      ``new.ndim``.
+
+  Returns:
+    ``(result, num_bad)``: ``result`` has ``new``'s shape and dtype, and
+    ``num_bad`` is the int32 scalar number of blocks taken from ``old``.
+  """
+  if new.shape != old.shape:
+    raise ValueError(f'Shapes differ: new {new.shape}, old {old.shape}.')
+  block_ndim = min(block_ndim, new.ndim)
+  block_axes = tuple(range(new.ndim - block_ndim, new.ndim))
+  bad = ~jnp.all(jnp.isfinite(new), axis=block_axes)
+  result = jnp.where(bad.reshape(bad.shape + (1,) * block_ndim),
+                     old.astype(new.dtype), new)
+  return result, jnp.sum(bad, dtype=jnp.int32)
+
+
+def keep_finite_tree(
+    new_tree: Any,
+    old_tree: Any,
+    block_ndim: int = 2,
+) -> tuple[Any, jax.Array]:
+  """:func:`keep_finite` on every leaf of matching pytrees.
+
+  Args:
+    new_tree: Pytree of arrays.
+    old_tree: Pytree of the same structure and leaf shapes.
+    block_ndim: Trailing block axes of every leaf, as in :func:`keep_finite`.
+
+  Returns:
+    ``(result_tree, num_bad)``: the tree of kept leaves and the int32 sum of
+    the leaves' counts (a block replaced in two leaves counts twice).
+  """
+  new_leaves, treedef = jax.tree.flatten(new_tree)
+  old_leaves = treedef.flatten_up_to(old_tree)
+  pairs = [keep_finite(n, o, block_ndim)
+           for n, o in zip(new_leaves, old_leaves)]
+  total = jnp.zeros((), jnp.int32)
+  for _, count in pairs:
+    total = total + count
+  return treedef.unflatten([r for r, _ in pairs]), total
+
+
+def bucketed(
+    fn: Callable[..., Any],
+    blocks_by_key: Mapping[Any, jax.Array],
+    extra_by_key: Mapping[Any, jax.Array] | None = None,
+) -> dict[Any, Any]:
+  """Applies ``fn`` once per block size to all blocks of that size.
+
+  Blocks of every key with the same size ``b`` are flattened into one
+  ``(N_b, b, b)`` stack, so ``fn`` (a Cholesky, an eigh, ...) is traced and
+  run once per distinct ``b`` as one batched call, however many layers
+  share that size.
+
+  Args:
+    fn: ``fn(stack)`` or, with ``extra_by_key``, ``fn(stack, extra)``, where
+      ``stack`` has shape ``(N, b, b)`` and ``extra`` shape ``(N,)``. Returns
+      an array or a pytree of arrays whose leading axis is ``N`` (e.g.
+      ``(eigenvalues (N, b), eigenvectors (N, b, b))``). ``fn`` must treat
+      the ``N`` blocks independently.
+    blocks_by_key: Mapping from key to blocks of shape ``(*lead, b, b)``;
+      ``lead`` and ``b`` may differ between keys. Blocks of the same ``b``
+      are concatenated, so mixed dtypes are promoted to a common one.
+    extra_by_key: Optional mapping with the same keys to a per-block
+      argument broadcastable to that key's ``lead`` shape (e.g. a scalar or
+      per-block damping).
+
+  Returns:
+    A dict from each key to ``fn``'s output for that key's blocks, every
+    leaf reshaped from ``(N_key, ...)`` back to ``(*lead, ...)``.
+  """
+  groups: dict[int, list[Any]] = {}
+  for key, blocks in blocks_by_key.items():
+    if blocks.ndim < 2 or blocks.shape[-1] != blocks.shape[-2]:
+      raise ValueError(f'Blocks of {key!r} are not square: {blocks.shape}.')
+    groups.setdefault(blocks.shape[-1], []).append(key)
+  if extra_by_key is not None and set(extra_by_key) != set(blocks_by_key):
+    raise ValueError('extra_by_key must have the same keys as blocks_by_key.')
+
+  results = {}
+  for b, keys in groups.items():
+    leads = [blocks_by_key[k].shape[:-2] for k in keys]
+    sizes = [math.prod(lead) for lead in leads]
+    stack = jnp.concatenate(
+        [blocks_by_key[k].reshape(size, b, b) for k, size in zip(keys, sizes)])
+    if extra_by_key is None:
+      out = fn(stack)
+    else:
+      extra = jnp.concatenate([
+          jnp.broadcast_to(jnp.asarray(extra_by_key[k]), lead).reshape(size)
+          for k, lead, size in zip(keys, leads, sizes)])
+      out = fn(stack, extra)
+    offsets = np.cumsum([0] + sizes)
+    for key, lead, start, stop in zip(keys, leads, offsets[:-1], offsets[1:]):
+      results[key] = jax.tree.map(
+          lambda leaf, lead=lead, start=start, stop=stop:
+          leaf[start:stop].reshape(lead + leaf.shape[1:]),
+          out)
+  return {key: results[key] for key in blocks_by_key}
+
+
+def block_trace_mean(blocks: jax.Array, n: int | None = None) -> jax.Array:
+  """Mean diagonal entry over the real features of a block-diagonal factor.
+
+  This is ``tr(F) / dim(F)`` for :func:`pi_damping`, with the padded
+  diagonal entries of :func:`block_outer` left out.
+
+  Args:
+    blocks: Blocks of shape ``(..., nb, b, b)``.
+    n: Number of real features, ``<= nb * b``; default ``nb * b``.
+
+  Returns:
+    Array of shape ``(...)``.
+  """
+  nb, b = blocks.shape[-3], blocks.shape[-1]
+  n = nb * b if n is None else n
+  diag = jnp.diagonal(_float(blocks), axis1=-2, axis2=-1)
+  diag = diag.reshape(diag.shape[:-2] + (nb * b,))[..., :n]
+  return jnp.mean(diag, axis=-1)
+
+
+def pi_damping(
+    a_trace_mean: jax.Array | float,
+    g_trace_mean: jax.Array | float,
+    damping: jax.Array | float,
+) -> tuple[jax.Array, jax.Array]:
+  """Factored Tikhonov damping split between Kronecker factors by ``pi``.
+
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature", ICML 2015, Section 6.3: rather than damping
+  ``A (x) G + damping * I`` (which has no Kronecker-factored inverse), damp
+  each factor,
+
+      (A + pi * sqrt(damping) * I) (x) (G + sqrt(damping) / pi * I),
+
+  with ``pi = sqrt((tr(A) / dim(A)) / (tr(G) / dim(G)))``, the trace-norm
+  choice that makes both factors' damping proportional to their average
+  eigenvalue. The product's cross term ``damping * I`` equals the unfactored
+  damping, and ``pi`` minimises the norm of the two remaining error terms
+  ``pi sqrt(damping) G`` and ``sqrt(damping) / pi A``.
+
+  Args:
+    a_trace_mean: ``tr(A) / dim(A)`` of the input-side factor (any shape,
+      e.g. stack axes).
+    g_trace_mean: ``tr(G) / dim(G)`` of the output-side factor, broadcasting
+      against ``a_trace_mean``.
+    damping: Total damping, broadcasting against both.
+
+  Returns:
+    ``(a_damping, g_damping) = (sqrt(damping) * pi, sqrt(damping) / pi)``.
+    Trace means are floored at 1e-30 so that ``pi`` stays finite and
+    positive when a factor is zero (``pi = 1`` when both are).
+  """
+  a = jnp.maximum(_float(a_trace_mean), _PI_EPS)
+  g = jnp.maximum(_float(g_trace_mean), _PI_EPS)
+  pi = jnp.sqrt(a / g)
+  root = jnp.sqrt(_float(damping))
+  return root * pi, root / pi

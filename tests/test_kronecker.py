@@ -1,0 +1,213 @@
+"""K-FAC and TKFAC against exact Fisher blocks and dense references."""
+
+import itertools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import flax.linen as nn
+import jax
+
+import jax.numpy as jnp
+import numpy as np
+
+import fisher_optax as fo
+from fisher_optax import _kfac
+from fisher_optax import _kronecker
+from fisher_optax import _stats
+from fisher_optax import _tkfac
+
+
+def _dense_stats(key=0, batch=16, d_in=5, d_out=3, correlated=True):
+  """A Dense layer, a per-example loss, captured stats, exact Fisher."""
+  model = nn.Dense(d_out)
+  x = jax.random.normal(jax.random.key(key), (batch, d_in))
+  if correlated:  # per-example norms correlated with the other factor
+    x = x * (1 + jnp.arange(batch)[:, None] / 4)
+  t = jax.random.normal(jax.random.key(key + 1), (batch, d_out))
+  params = model.init(jax.random.key(key + 2), x)['params']
+  per_example = lambda p, xi, ti: jnp.sum(
+      jnp.sin(model.apply({'params': p}, xi) * ti))
+  loss = lambda p, x, t: jnp.mean(jax.vmap(
+      per_example, (None, 0, 0))(p, x, t)) if False else jnp.mean(
+          jnp.sum(jnp.sin(model.apply({'params': p}, x) * t), -1))
+  _, _, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params, x, t)
+  grads = jax.vmap(jax.grad(per_example), (None, 0, 0))(params, x, t)
+  # Per-example gradient of the bias-augmented (d_in + 1, d_out) matrix.
+  w = np.concatenate([np.asarray(grads['kernel'], np.float64),
+                      np.asarray(grads['bias'], np.float64)[:, None]], 1)
+  vec = w.reshape(batch, -1)
+  fisher = vec.T @ vec / batch
+  return stats[''], fisher, params
+
+
+def _factors(algorithm, st, block_size=None):
+  """``(statistics, layout)`` of one layer; the statistics under jit."""
+  layout = _kronecker.layout_from_meta('', st.meta)
+  stats = jax.jit(lambda s: algorithm.statistics(
+      _stats.kronecker_rows(s), layout, block_size))(st)
+  return stats, layout
+
+
+class FactorTest(parameterized.TestCase):
+
+  def test_kfac_dense_closed_form(self):
+    st, _, _ = _dense_stats()
+    stats, _ = _factors(_kfac.KFAC, st)
+    a = np.asarray(st.a[0], np.float64)
+    a = np.concatenate([a, np.ones((len(a), 1))], 1)
+    g = np.asarray(st.g[0], np.float64) * len(a)  # per-example cotangents
+    np.testing.assert_allclose(stats['A'][0, 0], a.T @ a / len(a), rtol=1e-5)
+    np.testing.assert_allclose(stats['G'][0, 0], g.T @ g / len(a), rtol=1e-5)
+
+  @parameterized.named_parameters(
+      ('same', dict(padding='SAME')),
+      ('strided_dilated', dict(padding='VALID', strides=2,
+                               kernel_dilation=(1, 2))),
+      ('groups', dict(padding='SAME', feature_group_count=2)),
+  )
+  def test_kfac_conv_closed_form(self, kw):
+    """Factors from a loop im2col: A = mean a a^T, G = T mean g g^T."""
+    conv = nn.Conv(4, (3, 2), **kw)
+    x = jax.random.normal(jax.random.key(3), (2, 6, 7, 4))
+    params = conv.init(jax.random.key(0), x)['params']
+    loss = lambda p, x: jnp.mean(jnp.sum(jnp.sin(conv.apply(
+        {'params': p}, x)), (1, 2, 3)))
+    _, _, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params, x)
+    st = stats['']
+    got, layout = _factors(_kfac.KFAC, st)
+    cfg = dict(st.meta.config)
+    groups = cfg['groups']
+    kh, kw_ = cfg['kernel_size']
+    sh, sw = cfg['strides']
+    dh, dw = cfg['rhs_dilation']
+    pad = cfg['padding']
+    if isinstance(pad, str):
+      pad = jax.lax.padtype_to_pads((6, 7), ((kh - 1) * dh + 1,
+                                             (kw_ - 1) * dw + 1), (sh, sw),
+                                    pad)
+    xs = np.pad(np.asarray(x, np.float64),
+                ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
+    g = np.asarray(st.g[0], np.float64) * 2  # batch-mean loss, B = 2
+    oh, ow = g.shape[1:3]
+    cg, og = 4 // groups, 4 // groups
+    for grp in range(groups):
+      rows_a, rows_g = [], []
+      for b, i, j in itertools.product(range(2), range(oh), range(ow)):
+        patch = [xs[b, i * sh + p * dh, j * sw + q * dw,
+                    grp * cg + c] for p in range(kh) for q in range(kw_)
+                 for c in range(cg)]
+        rows_a.append(patch + [1.0])
+        rows_g.append(g[b, i, j, grp * og:(grp + 1) * og])
+      ra, rg = np.array(rows_a), np.array(rows_g)
+      positions = oh * ow
+      np.testing.assert_allclose(got['A'][grp, 0], ra.T @ ra / len(ra),
+                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got['G'][grp, 0],
+                                 positions * rg.T @ rg / len(rg),
+                                 rtol=1e-5, atol=1e-6)
+    self.assertEqual(layout.lead, (groups,))
+
+  def test_tkfac_trace_identity(self):
+    """tr(delta Phi (x) Psi) == tr(F) for the exact vmap(grad) Fisher."""
+    with jax.enable_x64(True):
+      st, fisher, _ = _dense_stats()
+      st = jax.tree.map(lambda v: v.astype(jnp.float64), st)
+      stats, _ = _factors(_tkfac.TKFAC, st)
+      delta = float(stats['delta'][0])
+      phi = np.asarray(stats['Phi'][0, 0]) / delta
+      psi = np.asarray(stats['Psi'][0, 0]) / delta
+      np.testing.assert_allclose(np.trace(phi), 1.0, rtol=1e-12)
+      np.testing.assert_allclose(np.trace(psi), 1.0, rtol=1e-12)
+      np.testing.assert_allclose(delta * np.trace(np.kron(phi, psi)),
+                                 np.trace(fisher), rtol=1e-6)
+
+  def test_tkfac_equals_kfac_for_constant_norms(self):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1, 32, 4))  # (groups, rows, features)
+    g = rng.normal(size=(1, 32, 3))
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    g *= 2 / np.linalg.norm(g, axis=-1, keepdims=True)
+    layout = _kronecker.Layout('', 'kron', 'kernel', None, (1,), 0, 1, 4, 3)
+    with jax.enable_x64(True):
+      rows = _stats.KroneckerRows(jnp.asarray(a), jnp.asarray(g), 1)
+      t = _tkfac.TKFAC.statistics(rows, layout, None)
+      k = _kfac.KFAC.statistics(rows, layout, None)
+      tk = float(t['delta'][0]) * np.kron(t['Phi'][0, 0] / t['delta'][0],
+                                          t['Psi'][0, 0] / t['delta'][0])
+      np.testing.assert_allclose(tk, np.kron(k['A'][0, 0], k['G'][0, 0]),
+                                 rtol=1e-10, atol=1e-12)
+
+  def test_tkfac_recovers_kronecker_fisher(self):
+    """Identical inputs on every row make F = a a^T (x) E[g g^T] exactly."""
+    rng = np.random.default_rng(1)
+    a = np.broadcast_to(rng.normal(size=4), (1, 16, 4))
+    g = rng.normal(size=(1, 16, 3)) * rng.uniform(0.5, 2, (1, 16, 1))
+    fisher = np.mean([np.kron(np.outer(ai, ai), np.outer(gi, gi))
+                      for ai, gi in zip(a[0], g[0])], 0)
+    layout = _kronecker.Layout('', 'kron', 'kernel', None, (1,), 0, 1, 4, 3)
+    with jax.enable_x64(True):
+      rows = _stats.KroneckerRows(jnp.asarray(a), jnp.asarray(g), 1)
+      t = _tkfac.TKFAC.statistics(rows, layout, None)
+      d = float(t['delta'][0])
+      approx = d * np.kron(t['Phi'][0, 0] / d, t['Psi'][0, 0] / d)
+    np.testing.assert_allclose(approx, fisher, rtol=1e-9, atol=1e-12)
+
+
+def _one_update(tx, params, grads, stats):
+  state = tx.init(params)
+  return jax.jit(lambda s: tx.update(grads, s, params,
+                                     layer_stats=stats))(state)
+
+
+class PreconditionTest(parameterized.TestCase):
+  """The first preconditioned update against a dense numpy solve."""
+
+  @parameterized.parameters(itertools.product(
+      ('kfac', 'tkfac'), ('factored', 'eigen'), (None, 2)))
+  def test_update_matches_dense_solve(self, name, mode, block_size):
+    st, _, params = _dense_stats(key=4, batch=32, d_in=4, d_out=3)
+    grads = jax.tree.map(lambda p: jax.random.normal(
+        jax.random.key(9), p.shape), params)
+    stats = {'': st}
+    lam = 0.05
+    factory = {'kfac': fo.scale_by_kfac, 'tkfac': fo.scale_by_tkfac}[name]
+    tx = factory(damping=lam, momentum=0.0, damping_mode=mode,
+                 block_size=block_size)
+    updates, state = _one_update(tx, params, grads, stats)
+    algorithm = {'kfac': _kfac.KFAC, 'tkfac': _tkfac.TKFAC}[name]
+    raw, layout = _factors(algorithm, st)  # full (unblocked) statistics
+    c_in, c_out, split = algorithm.factors(raw)
+    c_in, c_out = np.asarray(c_in[0, 0], np.float64), np.asarray(
+        c_out[0, 0], np.float64)
+
+    def blockdiag(m, b):
+      if b is None:
+        return m
+      out = np.zeros_like(m)
+      for s in range(0, len(m), b):
+        out[s:s + b, s:s + b] = m[s:s + b, s:s + b]
+      return out
+
+    c_in, c_out = blockdiag(c_in, block_size), blockdiag(c_out, block_size)
+    d_in, d_out = len(c_in), len(c_out)
+    if mode == 'eigen':
+      curvature = np.kron(c_in, c_out) + lam * np.eye(d_in * d_out)
+    else:
+      if split == 'pi':
+        pi = np.sqrt((np.trace(c_in) / d_in) / (np.trace(c_out) / d_out))
+        di, do = pi * np.sqrt(lam), np.sqrt(lam) / pi
+      else:
+        di = do = np.sqrt(lam)
+      curvature = np.kron(c_in + di * np.eye(d_in), c_out + do * np.eye(d_out))
+    w = np.concatenate([np.asarray(grads['kernel']),
+                        np.asarray(grads['bias'])[None]], 0)
+    want = np.linalg.solve(curvature, w.reshape(-1)).reshape(w.shape)
+    np.testing.assert_allclose(updates['kernel'], want[:-1], rtol=2e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(updates['bias'], want[-1], rtol=2e-4,
+                               atol=1e-6)
+    self.assertEqual(int(state.nonfinite), 0)
+
+
+if __name__ == '__main__':
+  absltest.main()
