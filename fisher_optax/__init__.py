@@ -12,12 +12,16 @@ from fisher_optax._adafisher import scale_by_adafisher
 from fisher_optax._adafisher import ScaleByAdaFisherState
 from fisher_optax._base import LayerMeta
 from fisher_optax._base import LayerStats
+from fisher_optax._kfac import ekfac
 from fisher_optax._kfac import kfac
+from fisher_optax._kfac import scale_by_ekfac
 from fisher_optax._kfac import scale_by_kfac
 from fisher_optax._kronecker import KroneckerState
 from fisher_optax._pairing import coverage
 from fisher_optax._pairing import Coverage
+from fisher_optax._tkfac import scale_by_tekfac
 from fisher_optax._tkfac import scale_by_tkfac
+from fisher_optax._tkfac import tekfac
 from fisher_optax._tkfac import tkfac
 from fisher_optax.capture import linen
 from fisher_optax.capture import nnx
@@ -33,11 +37,15 @@ __all__ = (
     'adafisher',
     'adafisherw',
     'coverage',
+    'ekfac',
     'kfac',
     'linen',
     'nnx',
     'scale_by_adafisher',
+    'scale_by_ekfac',
     'scale_by_kfac',
+    'scale_by_tekfac',
     'scale_by_tkfac',
+    'tekfac',
     'tkfac',
 )

@@ -17,6 +17,7 @@ and fallbacks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -79,6 +80,7 @@ def scale_by_kfac(
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     axis_name: str | None = None,
+    eigen_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning; see :func:`fisher_optax.kfac`."""
   return _kronecker.scale_by_kronecker(
@@ -87,7 +89,8 @@ def scale_by_kfac(
       block_size=block_size, damping_mode=damping_mode,
       momentum_style=momentum_style, loss_reduction=loss_reduction,
       inverse_method=inverse_method, layers=layers, fallback_b2=fallback_b2,
-      fallback_eps=fallback_eps, axis_name=axis_name)
+      fallback_eps=fallback_eps, axis_name=axis_name,
+      eigen_correction=eigen_correction)
 
 
 def kfac(
@@ -108,6 +111,7 @@ def kfac(
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     axis_name: str | None = None,
+    eigen_correction: bool = False,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC with heavy-ball momentum (or Adam-style, see below).
@@ -171,6 +175,8 @@ def kfac(
       shapes: stacked (``nn.scan``), grouped-conv or multi-output layers.
     fallback_b2: Adam's second-moment decay for uncovered parameters.
     fallback_eps: Adam's epsilon for uncovered parameters.
+    eigen_correction: keep the factors' eigenbasis but use the diagonal of
+      the Fisher measured in it (see :func:`fisher_optax.ekfac`).
     axis_name: data-parallel axis to ``pmean`` statistics over under
       ``shard_map``/``pmap``.
     mask: weight-decay mask.
@@ -216,6 +222,36 @@ def kfac(
           damping_mode=damping_mode, momentum_style=momentum_style,
           loss_reduction=loss_reduction, inverse_method=inverse_method,
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
-          axis_name=axis_name),
+          axis_name=axis_name, eigen_correction=eigen_correction),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+scale_by_ekfac = functools.partial(scale_by_kfac, eigen_correction=True)
+scale_by_ekfac.__doc__ = (
+    """EKFAC preconditioning; see :func:`fisher_optax.ekfac`.""")
+
+ekfac = functools.partial(kfac, eigen_correction=True)
+ekfac.__doc__ = r"""EKFAC: K-FAC with eigenvalue-corrected scaling.
+
+Same arguments as :func:`fisher_optax.kfac` (``damping_mode`` is ignored:
+damping is exact). Every ``inverse_every`` steps the eigenbases
+:math:`U_A, U_G` of the K-FAC factors are recomputed; instead of the
+Kronecker eigenvalue products :math:`s_A s_G^\top`, the update divides by the
+diagonal of the Fisher measured in that basis,
+
+.. math::
+  S = T\, \mathrm{mean}_r\, (U_A^\top \bar a_r)^{\odot 2}
+      \big((U_G^\top g_r)^{\odot 2}\big)^\top, \qquad
+  D = U_A \big[(U_A^\top W U_G) \oslash (S + \lambda)\big] U_G^\top,
+
+which is the best diagonal approximation of the (location-expanded)
+empirical Fisher block in that basis. :math:`S` is re-measured when the
+basis changes and averaged with decay ``fisher_decay`` on the statistics
+steps in between. Memory: one extra matrix the size of the layer's weights.
+
+References:
+  George, Laurent, Bouthillier, Ballas, Vincent, `Fast Approximate Natural
+  Gradient Descent in a Kronecker-factored Eigenbasis
+  <https://arxiv.org/abs/1806.03884>`_, NeurIPS 2018.
+"""

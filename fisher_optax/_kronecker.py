@@ -158,9 +158,14 @@ class KroneckerState(NamedTuple):
   nonfinite: jax.Array  # shape=(), int32: blocks kept for NaN/Inf.
 
 
-def _precond_shapes(layout: Layout, block_in, block_out, damping_mode):
+def _precond_shapes(layout: Layout, block_in, block_out, damping_mode,
+                    eigen_correction=False):
   nb_o, b_o = block_shape(layout.d_out, block_out)
   out = {}
+  if eigen_correction:
+    nb_i, b_i = block_shape(layout.d_in, block_in)
+    p_in = layout.d_in if layout.kind == 'embed' else nb_i * b_i
+    out['scaling'] = layout.lead + (p_in, nb_o * b_o)
   if layout.kind == 'embed':
     out['in_vals'] = layout.lead + (layout.d_in,)
   else:
@@ -231,8 +236,11 @@ def precondition(layout: Layout, precond: Mapping[str, jax.Array], w,
       w = _linalg.block_apply(jnp.swapaxes(in_vecs, -1, -2), w, 'left')
       s_in = _full(precond['in_vals'])
     w = _linalg.block_apply(out_vecs, w, 'right')
-    s_out = _full(precond['out_vals'])
-    w = w / (s_in[..., :, None] * s_out[..., None, :] + damping)
+    if 'scaling' in precond:  # eigenvalue-corrected (EKFAC, TEKFAC)
+      w = w / (precond['scaling'] + damping)
+    else:
+      s_out = _full(precond['out_vals'])
+      w = w / (s_in[..., :, None] * s_out[..., None, :] + damping)
     if layout.kind != 'embed':
       w = _linalg.block_apply(precond['in_vecs'], w, 'left')
     w = _linalg.block_apply(jnp.swapaxes(out_vecs, -1, -2), w, 'right')
@@ -242,6 +250,32 @@ def precondition(layout: Layout, precond: Mapping[str, jax.Array], w,
   else:
     w = _linalg.block_apply(precond['in_inv'], w, 'left')
   return _linalg.block_apply(precond['out_inv'], w, 'right')
+
+
+def measure_scaling(layout: Layout, rows, precond):
+  """Diagonal of the rows' Fisher in the factors' eigenbasis.
+
+  ``S = T mean_r (U_in^T a_r)^2 (U_out^T g_r)^2^T``: the second moments of
+  the per-row gradients ``a_r g_r^T`` rotated into the eigenbasis, i.e. the
+  best diagonal (in Frobenius norm) of the location-expanded Fisher there
+  (George et al., 2018). Shape ``(*lead, P_in, P_out)`` with padded sizes.
+  """
+  out_vecs = precond['out_vecs']
+  g = _pad_to(rows.g, -1, out_vecs.shape[-3] * out_vecs.shape[-1])
+  g2 = jnp.square(_linalg.block_apply(out_vecs, g, 'right'))
+  n = rows.g.shape[-2]
+  if layout.kind == 'embed':
+    flat_ids = rows.a.reshape((-1, rows.a.shape[-1]))
+    flat_g2 = g2.reshape((-1,) + g2.shape[-2:])
+    s = jax.vmap(lambda i, v: jnp.zeros(
+        (layout.d_in, v.shape[-1]), v.dtype).at[i].add(v))(flat_ids, flat_g2)
+    s = s.reshape(layout.lead + s.shape[1:])
+  else:
+    in_vecs = precond['in_vecs']
+    a = _pad_to(rows.a, -1, in_vecs.shape[-3] * in_vecs.shape[-1])
+    a2 = jnp.square(_linalg.block_apply(in_vecs, a, 'right'))
+    s = jnp.einsum('...ni,...nj->...ij', a2, g2)
+  return rows.positions * s / n
 
 
 def scale_by_kronecker(
@@ -261,9 +295,13 @@ def scale_by_kronecker(
     fallback_b2: jax.typing.ArrayLike,
     fallback_eps: jax.typing.ArrayLike,
     axis_name: str | None,
+    eigen_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """The engine behind ``scale_by_kfac`` and ``scale_by_tkfac``."""
-  where = f'scale_by_{algorithm.name}'
+  """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
+  eigenvalue-corrected forms (``eigen_correction=True``)."""
+  where = f'scale_by_{"e" if eigen_correction else ""}{algorithm.name}'
+  if eigen_correction:
+    damping_mode = 'eigen'
   for name, value in (('stats_every', stats_every),
                       ('inverse_every', inverse_every)):
     if not isinstance(value, int) or value < 1:
@@ -299,7 +337,8 @@ def scale_by_kronecker(
                     algorithm.shapes(layout, block_size, block_size).items()}
       precond[key] = {n: jnp.zeros(s, jnp.float32) for n, s in
                       _precond_shapes(layout, block_size, block_size,
-                                      damping_mode).items()}
+                                      damping_mode,
+                                      eigen_correction).items()}
     return KroneckerState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(jnp.zeros_like, params),
@@ -345,23 +384,29 @@ def scale_by_kronecker(
       return _stats.KroneckerRows(ids, g, ids.shape[-1] // batch)
     return _stats.kronecker_rows(st, loss_reduction)
 
-  def refresh_stats(layer_stats, layouts, old, first):
+  def refresh_stats(layer_stats, layouts, old, old_scaling, first):
     new, bad = {}, jnp.zeros([], jnp.bool_)
+    new_scaling = {}
     weight = jnp.where(first, 1.0, 1.0 - fisher_decay)
     for key, layout in layouts.items():
-      fresh = algorithm.statistics(layer_rows(layer_stats[key]), layout,
-                                   block_size)
+      rows = layer_rows(layer_stats[key])
+      fresh = algorithm.statistics(rows, layout, block_size)
+      if eigen_correction:
+        fresh['scaling'] = measure_scaling(layout, rows, old_scaling[key])
       if axis_name is not None:
         fresh = jax.tree.map(lambda x: lax.pmean(x, axis_name), fresh)
       finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                                   for x in fresh.values()]))
       bad = bad | ~finite
-      new[key] = {n: jnp.where(finite, (1 - weight) * old[key][n]
-                               + weight * fresh[n], old[key][n])
-                  for n in old[key]}
-    return new, bad
+      avg = lambda o, f, finite=finite: jnp.where(
+          finite, (1 - weight) * o + weight * f, o)
+      new[key] = {n: avg(old[key][n], fresh[n]) for n in old[key]}
+      if eigen_correction:
+        new_scaling[key] = avg(old_scaling[key]['scaling'],
+                               fresh['scaling'])
+    return new, new_scaling, bad
 
-  def refresh_precond(layouts, stats, old):
+  def refresh_precond(layer_stats, layouts, stats, old):
     blocks, extra, diag = {}, {}, {}
     for key, layout in layouts.items():
       c_in, c_out, split = algorithm.factors(stats[key])
@@ -406,6 +451,15 @@ def scale_by_kronecker(
         kept, n_bad = _linalg.keep_finite(value, old[key][name], block_ndim)
         new[key][name] = kept
         bad_blocks = bad_blocks + n_bad
+      if eigen_correction:
+        # A new basis invalidates the averaged scaling: measure it afresh.
+        rows = layer_rows(layer_stats[key])
+        scaling = measure_scaling(layout, rows, new[key])
+        if axis_name is not None:
+          scaling = lax.pmean(scaling, axis_name)
+        new[key]['scaling'], n_bad = _linalg.keep_finite(
+            scaling, old[key]['scaling'], 2)
+        bad_blocks = bad_blocks + n_bad
     return new, bad_blocks
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
@@ -432,14 +486,19 @@ def scale_by_kronecker(
     stats, precond, nonfinite = state.stats, state.precond, state.nonfinite
     if layouts:
       active = {k: state.stats[k] for k in layouts}
-      new_stats, bad = lax.cond(
-          state.count % stats_every == 0,
-          lambda s: refresh_stats(layer_stats, layouts, s, first),
-          lambda s: (s, jnp.zeros([], jnp.bool_)), active)
       old_pre = {k: state.precond[k] for k in layouts}
+      new_stats, scaling, bad = lax.cond(
+          state.count % stats_every == 0,
+          lambda args: refresh_stats(layer_stats, layouts, *args, first),
+          lambda args: (args[0], {k: v['scaling'] for k, v in args[1].items()}
+                        if eigen_correction else {},
+                        jnp.zeros([], jnp.bool_)),
+          (active, old_pre))
+      if eigen_correction:
+        old_pre = {k: {**v, 'scaling': scaling[k]} for k, v in old_pre.items()}
       new_pre, bad_blocks = lax.cond(
           state.count % inverse_every == 0,
-          lambda args: refresh_precond(layouts, *args),
+          lambda args: refresh_precond(layer_stats, layouts, *args),
           lambda args: (args[1], jnp.zeros([], jnp.int32)),
           (new_stats, old_pre))
       stats = {**state.stats, **new_stats}
