@@ -100,6 +100,7 @@ class _Trace:
     self.prefixes = []  # per apply call: path of its params in user params
     self.layers = {}  # (apply index, module path) -> static layer info
     self.skipped = {}  # module path -> reason it was not captured
+    self.outputs = []  # per apply call: the model output (JAX values)
 
 
 def _module_params(module, spec):
@@ -188,6 +189,7 @@ def _capturing(trace: _Trace):
       state = dict(state)
       trace.applies.append({c: state.pop(c, {}) for c in (
           INPUTS, EXTRAS, PERTURBATIONS)})
+      trace.outputs.append(out)
       return out if mutable is False else (out, state)
 
     return call
@@ -219,7 +221,8 @@ def _get(tree, path: str):
 
 
 def value_grad_and_stats(
-    loss_fn: Callable[..., Any], has_aux: bool = False
+    loss_fn: Callable[..., Any], has_aux: bool = False, *,
+    fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, dict[str, _base.LayerStats]]]:
   """Like ``jax.value_and_grad(loss_fn)``, plus per-layer statistics.
 
@@ -233,6 +236,15 @@ def value_grad_and_stats(
     loss_fn: the loss, returning a scalar, or ``(scalar, aux)`` if
       ``has_aux``.
     has_aux: whether ``loss_fn`` returns auxiliary data.
+    fisher: which cotangents ``g`` the statistics get. ``'empirical'``: the
+      loss's own (one backward pass, shared with the gradients).
+      ``'softmax'`` / ``'gaussian'``: a Monte-Carlo Fisher, the cotangents of
+      a batch-mean cross-entropy (or ``0.5 * squared error``) whose targets
+      are sampled from the model's own predictive distribution (categorical
+      over the last axis of the output / unit-variance Gaussian). It costs
+      one extra backward pass and no extra forward pass; the model output
+      is that of the last ``model.apply`` in the loss, and ``step`` takes a
+      ``fisher_key=`` PRNG key. The gradients are always the loss's.
 
   Returns:
     ``step(params, *args, **kwargs) -> (value, grads, layer_stats)`` where
@@ -253,10 +265,17 @@ def value_grad_and_stats(
     ((1, 4, 2), (1, 4, 3))
   """
 
+  if fisher not in ('empirical',) + SAMPLED_FISHERS:
+    raise ValueError(f'fisher must be empirical, softmax or gaussian, got '
+                     f'{fisher!r}.')
+
   def loss_only(out):
     return out[0] if has_aux else out
 
-  def step(params, *args, **kwargs):
+  def step(params, *args, fisher_key=None, **kwargs):
+    if fisher != 'empirical' and fisher_key is None:
+      raise ValueError(f"fisher={fisher!r} samples targets: call the step "
+                       'function with fisher_key=<a jax.random key>.')
     param_ids = {id(leaf): path for path, leaf in
                  _base.flatten_with_paths(params).items()}
     discovery = _Trace(discover=True, param_ids=param_ids)
@@ -278,14 +297,58 @@ def value_grad_and_stats(
       with _capturing(trace):
         out = loss_fn(p, *args, **kwargs)
       captured = [{c: a[c] for c in (INPUTS, EXTRAS)} for a in trace.applies]
-      return loss_only(out), (out, captured)
+      if fisher == 'empirical':
+        return loss_only(out), (out, captured)
+      return (loss_only(out), _model_output(trace)), (out, captured)
 
-    (_, (out, captured)), (grads, cotangents) = jax.value_and_grad(
-        wrapped, argnums=(0, 1), has_aux=True)(params, zeros)
+    if fisher == 'empirical':
+      (_, (out, captured)), (grads, cotangents) = jax.value_and_grad(
+          wrapped, argnums=(0, 1), has_aux=True)(params, zeros)
+    else:
+      (loss, output), vjp_fn, (out, captured) = jax.vjp(
+          wrapped, params, zeros, has_aux=True)
+      grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+      _, cotangents = vjp_fn((jnp.zeros_like(loss), sampled_cotangent(
+          fisher, output, fisher_key)))
     stats = _assemble(discovery, params, captured, cotangents)
     return out, grads, stats
 
   return step
+
+
+SAMPLED_FISHERS = ('softmax', 'gaussian')
+
+
+def sampled_cotangent(fisher: str, output, key):
+  """Cotangent of a loss with targets sampled from the model.
+
+  ``'softmax'``: labels ``y ~ Categorical(softmax(output))`` over the last
+  axis and the gradient of the mean cross-entropy,
+  ``(softmax(output) - onehot(y)) / rows``. ``'gaussian'``: targets
+  ``y ~ N(output, I)`` and the gradient of ``0.5 * mean_rows |output - y|^2``,
+  ``-noise / rows``. ``rows`` counts all but the last axis, as a batch-mean
+  loss would. In expectation over the samples the outer products of the
+  resulting per-example gradients are the true Fisher of that likelihood.
+  """
+  output = jax.lax.stop_gradient(output).astype(jnp.float32)
+  rows = max(1, output.size // output.shape[-1])
+  if fisher == 'softmax':
+    labels = jax.random.categorical(key, output, axis=-1)
+    probs = jax.nn.softmax(output, axis=-1)
+    return (probs - jax.nn.one_hot(labels, output.shape[-1])) / rows
+  return -jax.random.normal(key, output.shape) / rows
+
+
+def _model_output(trace: _Trace):
+  if not trace.outputs:
+    raise ValueError('a sampled Fisher needs the model output, but the loss '
+                     'called no model.apply.')
+  output = trace.outputs[-1]
+  if not isinstance(output, jax.Array) or output.ndim < 1:
+    raise ValueError('a sampled Fisher needs the last model.apply to return '
+                     'one array of predictions (logits or means), got '
+                     f'{type(output).__name__}.')
+  return output
 
 
 def _check_dropped(trace: _Trace, shapes) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from fisher_optax import _base
 from fisher_optax.capture import _layers
+from fisher_optax.capture import linen as capture_linen
 
 _LOCK = threading.RLock()
 
@@ -126,8 +127,34 @@ def _value(v):
   return v.get_value() if isinstance(v, nnx.Variable) else v
 
 
+@contextlib.contextmanager
+def _root_output(model, outputs: list):
+  """Records what calls of ``model`` itself return."""
+  cls = type(model)
+  saved = cls.__dict__.get('__call__')
+  original = cls.__call__
+
+  @functools.wraps(original)
+  def call(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    if self is model:
+      outputs.append(out)
+    return out
+
+  with _LOCK:
+    cls.__call__ = call
+    try:
+      yield
+    finally:
+      if saved is None:
+        del cls.__call__
+      else:
+        cls.__call__ = saved
+
+
 def value_grad_and_stats(
-    loss_fn: Callable[..., Any], has_aux: bool = False
+    loss_fn: Callable[..., Any], has_aux: bool = False, *,
+    fisher: str = 'empirical',
 ) -> Callable[..., tuple[Any, Any, dict[str, _base.LayerStats]]]:
   """Like ``nnx.value_and_grad(loss_fn)``, plus per-layer statistics.
 
@@ -135,6 +162,10 @@ def value_grad_and_stats(
     loss_fn: ``loss_fn(model, *args, **kwargs)`` calling the unmodified NNX
       model; returns a scalar, or ``(scalar, aux)`` if ``has_aux``.
     has_aux: whether ``loss_fn`` returns auxiliary data.
+    fisher: ``'empirical'``, ``'softmax'`` or ``'gaussian'``; see
+      :func:`fisher_optax.linen.value_grad_and_stats`. For the sampled
+      Fishers the model output is what the last call of ``model`` itself
+      returns, and ``step`` takes ``fisher_key=``.
 
   Returns:
     ``step(model, *args, **kwargs) -> (value, grads, layer_stats)``;
@@ -156,7 +187,14 @@ def value_grad_and_stats(
     ((1, 4, 2), (1, 4, 3))
   """
 
-  def step(model, *args, **kwargs):
+  if fisher not in ('empirical',) + capture_linen.SAMPLED_FISHERS:
+    raise ValueError(f'fisher must be empirical, softmax or gaussian, got '
+                     f'{fisher!r}.')
+
+  def step(model, *args, fisher_key=None, **kwargs):
+    if fisher != 'empirical' and fisher_key is None:
+      raise ValueError(f"fisher={fisher!r} samples targets: call the step "
+                       'function with fisher_key=<a jax.random key>.')
     graphdef, state = nnx.split(model)
     skipped: dict[int, str] = {}
 
@@ -176,8 +214,32 @@ def value_grad_and_stats(
                                  init=perturbations)(m, *args, **kwargs)
       return (out[0] if has_aux else out), (out, inter)
 
-    (_, (out, inter)), (grads, cotangents) = nnx.value_and_grad(
-        wrapped, argnums=(0, 1), has_aux=True)(model, zeros)
+    if fisher == 'empirical':
+      (_, (out, inter)), (grads, cotangents) = nnx.value_and_grad(
+          wrapped, argnums=(0, 1), has_aux=True)(model, zeros)
+    else:
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def pure(params, perturbations, rest):
+        # rest (BatchNorm statistics, RNG counters) is a primal of the vjp
+        # too, so the loss can update it at this trace level.
+        m = nnx.merge(graphdef, params, rest)
+        outputs = []
+        with _root_output(m, outputs):
+          loss, (out, inter) = wrapped(m, perturbations)
+        if not outputs or not isinstance(outputs[-1], jax.Array):
+          raise ValueError('a sampled Fisher needs the model to return one '
+                           'array of predictions (logits or means).')
+        new_rest = nnx.split(m, nnx.Param, ...)[2]
+        return (loss, outputs[-1]), (out, inter, new_rest)
+
+      (loss, output), vjp_fn, (out, inter, new_rest) = jax.vjp(
+          pure, params, zeros, rest, has_aux=True)
+      grads, _, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+      _, cotangents, _ = vjp_fn((jnp.zeros_like(loss),
+                              capture_linen.sampled_cotangent(
+                                  fisher, output, fisher_key)))
+      nnx.update(model, new_rest)
     stats = _assemble(model, inter, cotangents)
     return out, grads, stats
 
