@@ -9,6 +9,7 @@ import jax
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import fisher_optax as fo
 from fisher_optax import _kfac
@@ -277,3 +278,186 @@ class EigenCorrectedTest(parameterized.TestCase):
     if block_size is None:
       np.testing.assert_allclose(s, np.diag(u.T @ fisher @ u), rtol=1e-4,
                                  atol=1e-7)
+
+
+def _pi_solve(c_in, c_out, w, lam):
+  """Dense ((C_in + pi sqrt(lam)) (x) (C_out + sqrt(lam)/pi))^-1 vec(w)."""
+  d_in, d_out = len(c_in), len(c_out)
+  pi = np.sqrt((np.trace(c_in) / d_in) / (np.trace(c_out) / d_out))
+  curvature = np.kron(c_in + pi * np.sqrt(lam) * np.eye(d_in),
+                      c_out + np.sqrt(lam) / pi * np.eye(d_out))
+  return np.linalg.solve(curvature, w.reshape(-1)).reshape(w.shape)
+
+
+class EngineTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 2)
+  def test_conv_update_matches_dense_solve(self, groups):
+    conv = nn.Conv(4, (3, 3), padding='SAME', feature_group_count=groups)
+    x = jax.random.normal(jax.random.key(11), (2, 5, 5, 4))
+    params = conv.init(jax.random.key(0), x)['params']
+    loss = lambda p, x: jnp.mean(jnp.sin(conv.apply({'params': p}, x)))
+    step_fn = fo.linen.value_grad_and_stats(loss)
+    _, grads, stats = jax.jit(step_fn)(params, x)
+    layers = jax.eval_shape(step_fn, params, x)[2]
+    tx = fo.scale_by_kfac(damping=0.1, momentum=0.0, layers=layers)
+    updates, state = _one_update(tx, params, grads, stats)
+    a = np.asarray(state.stats['']['A'], np.float64)  # (groups, 1, b, b)
+    g = np.asarray(state.stats['']['G'], np.float64)
+    kernel = np.asarray(grads['kernel'])  # (3, 3, 4/groups, 4)
+    bias = np.asarray(grads['bias'])
+    per = 4 // groups
+    for grp in range(groups):
+      cols = slice(grp * per, (grp + 1) * per)
+      w = np.concatenate([kernel[..., cols].reshape(-1, per),
+                          bias[None, cols]], 0)
+      want = _pi_solve(a[grp, 0], g[grp, 0], w, 0.1)
+      np.testing.assert_allclose(
+          updates['kernel'][..., cols].reshape(-1, per), want[:-1],
+          rtol=2e-4, atol=1e-6)
+      np.testing.assert_allclose(updates['bias'][cols], want[-1],
+                                 rtol=2e-4, atol=1e-6)
+
+  def test_grouped_conv_without_layers_names_the_fix(self):
+    conv = nn.Conv(4, (3, 3), feature_group_count=2)
+    x = jax.random.normal(jax.random.key(12), (2, 5, 5, 4))
+    params = conv.init(jax.random.key(0), x)['params']
+    loss = lambda p, x: jnp.mean(conv.apply({'params': p}, x) ** 2)
+    _, grads, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params, x)
+    tx = fo.scale_by_kfac()
+    with self.assertRaisesRegex(ValueError, "layer '' .*layers=jax.eval"):
+      tx.update(grads, tx.init(params), params, layer_stats=stats)
+
+  def test_scan_stack_needs_layers_and_matches_per_layer(self):
+    class Block(nn.Module):
+
+      @nn.compact
+      def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(3)(x)), None
+
+    class Model(nn.Module):
+
+      @nn.compact
+      def __call__(self, x):
+        stack = nn.scan(Block, variable_axes={
+            'params': 0, **fo.linen.capture_axes()},
+                        split_rngs={'params': True}, length=2)
+        return stack()(x, None)[0]
+
+    model = Model()
+    x = jax.random.normal(jax.random.key(13), (8, 3))
+    params = model.init(jax.random.key(0), x)['params']
+    loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
+    step_fn = fo.linen.value_grad_and_stats(loss)
+    _, grads, stats = jax.jit(step_fn)(params, x)
+    with self.assertRaisesRegex(ValueError, 'layers='):
+      tx = fo.scale_by_kfac()
+      tx.update(grads, tx.init(params), params, layer_stats=stats)
+    layers = jax.eval_shape(step_fn, params, x)[2]
+    tx = fo.scale_by_kfac(damping=0.1, momentum=0.0, layers=layers)
+    updates, state = _one_update(tx, params, grads, stats)
+    key = 'ScanBlock_0/Dense_0' if 'ScanBlock_0' in params else (
+        list(stats)[0])
+    st = stats[key]
+    for layer in range(2):
+      a = np.asarray(st.a[layer], np.float64).reshape(-1, 3)
+      a = np.concatenate([a, np.ones((len(a), 1))], 1)
+      g = np.asarray(st.g[layer], np.float64).reshape(-1, 3) * 8
+      a_fac = a.T @ a / len(a)
+      g_fac = g.T @ g / len(g)
+      np.testing.assert_allclose(state.stats[key]['A'][layer, 0, 0], a_fac,
+                                 rtol=1e-5, atol=1e-7)
+      sub = jax.tree.map(lambda v, layer=layer: v[layer], _get(grads, key))
+      w = np.concatenate([np.asarray(sub['kernel']),
+                          np.asarray(sub['bias'])[None]], 0)
+      want = _pi_solve(a_fac, g_fac, w, 0.1)
+      got = jax.tree.map(lambda v, layer=layer: v[layer],
+                         _get(updates, key))
+      np.testing.assert_allclose(got['kernel'], want[:-1], rtol=2e-4,
+                                 atol=1e-6)
+
+  def test_embedding_uses_diagonal_input_factor(self):
+    embed = nn.Embed(6, 3)
+    ids = jnp.array([[0, 2, 2, 5], [1, 2, 0, 0]])
+    params = embed.init(jax.random.key(0), ids)['params']
+    loss = lambda p, i: jnp.mean(jnp.sin(embed.apply({'params': p}, i)))
+    _, grads, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params,
+                                                                    ids)
+    tx = fo.scale_by_kfac(damping=0.1, momentum=0.0)
+    updates, state = _one_update(tx, params, grads, stats)
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=6) / ids.size
+    np.testing.assert_allclose(state.stats['']['A'][0], counts, rtol=1e-6)
+    want = _pi_solve(np.diag(counts), np.asarray(
+        state.stats['']['G'][0, 0], np.float64),
+                     np.asarray(grads['embedding']), 0.1)
+    np.testing.assert_allclose(updates['embedding'], want, rtol=2e-4,
+                               atol=1e-6)
+
+  @parameterized.parameters(fo.kfac, fo.tkfac, fo.ekfac, fo.tekfac)
+  def test_periods_no_retrace_and_every_parameter_moves(self, factory):
+    class Net(nn.Module):
+
+      @nn.compact
+      def __call__(self, x):
+        cls = self.param('cls', nn.initializers.normal(1.0), (3,))
+        x = nn.LayerNorm()(nn.Dense(5)(x) + jnp.sum(cls))
+        return nn.Dense(2)(jnp.tanh(x))
+
+    model = Net()
+    x = jax.random.normal(jax.random.key(14), (8, 3))
+    params = model.init(jax.random.key(0), x)['params']
+    traces = []
+
+    def loss(p, x):
+      traces.append(1)
+      return jnp.mean(model.apply({'params': p}, x) ** 2)
+
+    step_fn = fo.linen.value_grad_and_stats(loss)
+    tx = factory(0.01, damping=0.1, stats_every=2, inverse_every=4)
+
+    @jax.jit
+    def step(p, state, x):
+      _, grads, stats = step_fn(p, x)
+      updates, state = tx.update(grads, state, p, layer_stats=stats)
+      return optax.apply_updates(p, updates), state
+
+    state = tx.init(params)
+    p, state = step(params, state, x)
+    n = len(traces)
+    history = [state]
+    for t in range(1, 6):
+      p, state = step(p, state, x * (1 + t))
+      history.append(state)
+    self.assertLen(traces, n)
+    same = lambda a, b: all(jax.tree.leaves(jax.tree.map(
+        lambda u, v: bool(jnp.all(u == v)), a, b)))
+    ks = [s[1].stats for s in history]
+    ps = [s[1].precond for s in history]
+    self.assertTrue(same(ks[0], ks[1]))  # statistics refresh at t = 0, 2, 4
+    self.assertFalse(same(ks[1], ks[2]))
+    self.assertTrue(same(ps[2], ps[3]))  # inverses refresh at t = 0, 4
+    self.assertFalse(same(ps[3], ps[4]))
+    for path, leaf in fo._base.flatten_with_paths(p).items():  # pylint: disable=protected-access
+      old = fo._base.flatten_with_paths(params)[path]  # pylint: disable=protected-access
+      self.assertFalse(np.allclose(old, leaf), path)
+    self.assertEqual(int(state[1].nonfinite), 0)
+
+  def test_inject_hyperparams(self):
+    st, _, params = _dense_stats(key=15)
+    grads = jax.tree.map(jnp.ones_like, params)
+    plain = fo.kfac(0.1, damping=0.03, inverse_every=3)
+    injected = optax.inject_hyperparams(
+        fo.kfac, static_args=('stats_every', 'inverse_every'))(
+            learning_rate=0.1, damping=0.03, inverse_every=3)
+    u1, _ = plain.update(grads, plain.init(params), params,
+                         layer_stats={'': st})
+    u2, _ = jax.jit(lambda s: injected.update(
+        grads, s, params, layer_stats={'': st}))(injected.init(params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                 u1, u2)
+
+
+def _get(tree, path):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
