@@ -56,12 +56,18 @@ def _shapes(layout, block_in, block_out):
   return {'A': a, 'G': layout.lead + (nb_o, b_o, b_o)}
 
 
+def _factors(stats, layout, damping):
+  """Martens & Grosse's pi-split of the damping between ``A`` and ``G``."""
+  a, g = stats['A'], stats['G']
+  tr_a = (jnp.mean(a, -1) if layout.kind == 'embed' else
+          _linalg.block_trace_mean(a, layout.d_in))
+  tr_g = _linalg.block_trace_mean(g, layout.d_out)
+  damp_a, damp_g = _linalg.pi_damping(tr_a, tr_g, damping)
+  return _kronecker.Factors(a, g, damp_a, damp_g, damping)
+
+
 KFAC = _kronecker.Algorithm(
-    name='kfac',
-    statistics=_statistics,
-    shapes=_shapes,
-    factors=lambda stats: (stats['A'], stats['G'], 'pi'),
-)
+    name='kfac', statistics=_statistics, shapes=_shapes, factors=_factors)
 
 
 def scale_by_kfac(

@@ -60,6 +60,7 @@ class Layout:
     n_in: number of kernel axes (after the stack) on the input side.
     d_in: input-side size, bias row included (vocabulary for embeddings).
     d_out: output-side size of one group.
+    conv: whether the layer is a convolution.
   """
 
   key: str
@@ -71,6 +72,7 @@ class Layout:
   n_in: int
   d_in: int
   d_out: int
+  conv: bool = False
 
 
 def layout_from_meta(key: str, meta: _base.LayerMeta) -> Layout | None:
@@ -95,7 +97,7 @@ def layout_from_meta(key: str, meta: _base.LayerMeta) -> Layout | None:
     d_out = math.prod(kernel[k + n_in:])
   d_in = math.prod(kernel[k:k + n_in]) + (bias is not None)
   return Layout(key, 'kron', name, bias, kernel[:k] + (groups,), k, n_in,
-                d_in, d_out)
+                d_in, d_out, meta.kind == 'conv')
 
 
 def infer_layouts(params: Any) -> dict[str, Layout]:
@@ -112,11 +114,28 @@ def infer_layouts(params: Any) -> dict[str, Layout]:
     if name == 'kernel' and len(shape) >= 2:
       out[key] = Layout(key, 'kron', name, 'bias' if has_bias else None,
                         (1,), 0, len(shape) - 1,
-                        math.prod(shape[:-1]) + has_bias, shape[-1])
+                        math.prod(shape[:-1]) + has_bias, shape[-1],
+                        len(shape) >= 3)
     elif name == 'embedding' and len(shape) == 2:
       out[key] = Layout(key, 'embed', name, None, (1,), 0, 1, shape[0],
                         shape[1])
   return out
+
+
+class Factors(NamedTuple):
+  """Undamped Kronecker factors of one layer and their damping.
+
+  ``c_in`` / ``c_out`` are blocks ``(*lead, nb, b, b)`` (``c_in`` is
+  ``(*lead, V)`` for embeddings); ``damp_in`` / ``damp_out`` (``lead``
+  shaped) are added to their diagonals for ``damping_mode='factored'``;
+  ``exact`` is added to the eigenvalue products for ``'eigen'``.
+  """
+
+  c_in: jax.Array
+  c_out: jax.Array
+  damp_in: jax.Array
+  damp_out: jax.Array
+  exact: jax.Array
 
 
 class Algorithm(NamedTuple):
@@ -130,9 +149,8 @@ class Algorithm(NamedTuple):
       arrays are ``(*lead, nb, b, b)`` blocks (``(*lead, V)`` for
       embeddings), shaped as ``shapes`` says.
     shapes: ``shapes(layout, block_in, block_out) -> {name: shape}``.
-    factors: ``factors(stats) -> (c_in, c_out, split)``, the undamped
-      factors and the factored-damping rule: ``'pi'`` (Martens & Grosse) or
-      ``'sqrt'`` (``sqrt(damping)`` on both sides).
+    factors: ``factors(stats, layout, damping) -> Factors``: the undamped
+      factors and how to damp them.
   """
 
   name: str
@@ -178,6 +196,7 @@ def _precond_shapes(layout: Layout, block_in, block_out, damping_mode,
   if damping_mode == 'eigen':
     out['out_vecs'] = layout.lead + (nb_o, b_o, b_o)
     out['out_vals'] = layout.lead + (nb_o, b_o)
+    out['damping'] = layout.lead
   else:
     out['out_inv'] = layout.lead + (nb_o, b_o, b_o)
   return out
@@ -209,6 +228,10 @@ def _from_matrix(layout: Layout, w, kernel_shape, bias_shape):
   return w, bias
 
 
+# Trailing axes that form one block of each cached array (for keep_finite).
+_BLOCK_NDIM = {'in_vals': 1, 'out_vals': 1, 'damping': 0}
+
+
 def _pad_to(w, axis: int, size: int):
   pad = [(0, 0)] * w.ndim
   pad[axis] = (0, size - w.shape[axis])
@@ -221,9 +244,10 @@ def _full(vals):
 
 
 def precondition(layout: Layout, precond: Mapping[str, jax.Array], w,
-                 damping, damping_mode: str):
+                 damping_mode: str):
   """``C_in^-1 w C_out^-1`` with cached inverses or eigenbases."""
   if damping_mode == 'eigen':
+    damping = precond['damping'][..., None, None]
     # Rotate, divide and rotate back in the padded space: eigh sorts the
     # eigenvalues of a padded block, so padding can sit in any slot.
     out_vecs = precond['out_vecs']
@@ -407,16 +431,10 @@ def scale_by_kronecker(
     return new, new_scaling, bad
 
   def refresh_precond(layer_stats, layouts, stats, old):
-    blocks, extra, diag = {}, {}, {}
+    blocks, extra, diag, exact = {}, {}, {}, {}
     for key, layout in layouts.items():
-      c_in, c_out, split = algorithm.factors(stats[key])
-      if split == 'pi':
-        tr_in = (jnp.mean(c_in, -1) if layout.kind == 'embed' else
-                 _linalg.block_trace_mean(c_in, layout.d_in))
-        tr_out = _linalg.block_trace_mean(c_out, layout.d_out)
-        d_in, d_out = _linalg.pi_damping(tr_in, tr_out, damping)
-      else:
-        d_in = d_out = jnp.sqrt(damping) * jnp.ones(layout.lead)
+      c_in, c_out, d_in, d_out, exact[key] = algorithm.factors(
+          stats[key], layout, damping)
       if layout.kind == 'embed':
         diag[key] = (c_in, d_in)
       else:
@@ -443,11 +461,11 @@ def scale_by_kronecker(
           fresh[f'{side}_vals'], fresh[f'{side}_vecs'] = vals, vecs
         else:
           fresh[f'{side}_inv'] = results[(key, side)]
+      if damping_mode == 'eigen':
+        fresh['damping'] = jnp.broadcast_to(exact[key], layout.lead)
       new[key] = {}
       for name, value in fresh.items():
-        block_ndim = 1 if name.endswith('vals') else 2
-        if name == 'in_vals' and layout.kind == 'embed':
-          block_ndim = 1
+        block_ndim = _BLOCK_NDIM.get(name, 2)
         kept, n_bad = _linalg.keep_finite(value, old[key][name], block_ndim)
         new[key][name] = kept
         bad_blocks = bad_blocks + n_bad
@@ -561,7 +579,7 @@ def scale_by_kronecker(
       else:
         w = _to_matrix(layout, source[ik],
                        None if ib is None else source[ib])
-      w = precondition(layout, precond[key], w, damping, damping_mode)
+      w = precondition(layout, precond[key], w, damping_mode)
       if layout.kind == 'embed':
         out[ik] = w.reshape(source[ik].shape)
       else:

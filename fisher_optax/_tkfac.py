@@ -59,16 +59,31 @@ def _shapes(layout, block_in, block_out):
   return {'delta': layout.lead, 'Phi': kfac['A'], 'Psi': kfac['G']}
 
 
-def _factors(stats):
-  # sqrt(delta) * Phi = Phi_raw / sqrt(delta); the guard only matters for a
-  # layer whose cotangents are all zero.
-  root = jnp.sqrt(jnp.maximum(stats['delta'], 1e-30))
-  expand = lambda x, r: x / r.reshape(r.shape + (1,) * (x.ndim - r.ndim))
-  return expand(stats['Phi'], root), expand(stats['Psi'], root), 'sqrt'
+def _algorithm(conv_damping: str) -> _kronecker.Algorithm:
+  """TKFAC with the paper's normal damping or the adaptive conv damping."""
+  if conv_damping not in ('normal', 'adaptive'):
+    raise ValueError("conv_damping must be 'normal' or 'adaptive', got "
+                     f'{conv_damping!r}.')
+
+  def factors(stats, layout, damping):
+    delta = stats['delta']
+    if conv_damping == 'adaptive' and layout.conv:
+      # The layer's mean Fisher eigenvalue tr(F)/dim(F), floored at damping.
+      damping = jnp.maximum(delta / (layout.d_in * layout.d_out), damping)
+    damping = jnp.broadcast_to(damping, layout.lead)
+    # sqrt(delta) Phi = Phi_raw / sqrt(delta); the guard only matters for a
+    # layer whose cotangents are all zero.
+    root = jnp.sqrt(jnp.maximum(delta, 1e-30))
+    expand = lambda x: x / root.reshape(root.shape + (1,) * (
+        x.ndim - root.ndim))
+    return _kronecker.Factors(expand(stats['Phi']), expand(stats['Psi']),
+                              jnp.sqrt(damping), jnp.sqrt(damping), damping)
+
+  return _kronecker.Algorithm(name='tkfac', statistics=_statistics,
+                              shapes=_shapes, factors=factors)
 
 
-TKFAC = _kronecker.Algorithm(
-    name='tkfac', statistics=_statistics, shapes=_shapes, factors=_factors)
+TKFAC = _algorithm('normal')
 
 
 def scale_by_tkfac(
@@ -88,10 +103,12 @@ def scale_by_tkfac(
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     axis_name: str | None = None,
     eigen_correction: bool = False,
+    conv_damping: str = 'normal',
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC preconditioning; see :func:`fisher_optax.tkfac`."""
   return _kronecker.scale_by_kronecker(
-      TKFAC, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
+      _algorithm(conv_damping), momentum=momentum, damping=damping,
+      fisher_decay=fisher_decay,
       stats_every=stats_every, inverse_every=inverse_every,
       block_size=block_size, damping_mode=damping_mode,
       momentum_style=momentum_style, loss_reduction=loss_reduction,
@@ -119,6 +136,7 @@ def tkfac(
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     axis_name: str | None = None,
     eigen_correction: bool = False,
+    conv_damping: str = 'normal',
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""TKFAC: trace-restricted K-FAC (the paper's TKFAC_nor).
@@ -151,9 +169,15 @@ def tkfac(
     \theta \leftarrow \theta - \alpha\, m.
 
   ``damping_mode='eigen'`` damps exactly instead:
-  :math:`(\delta\,\Phi\otimes\Psi + \lambda I)^{-1}` in the eigenbasis. The
-  paper's adaptive damping for convolutions (its Eq. 5.16, whose exact form
-  could not be checked) is not implemented. Everything else (blocks,
+  :math:`(\delta\,\Phi\otimes\Psi + \lambda I)^{-1}` in the eigenbasis.
+  ``conv_damping='adaptive'`` gives each convolution its own damping,
+  :math:`\lambda_l = \max(\delta_l / \dim F_l, \lambda)`: the layer's mean
+  Fisher eigenvalue, floored at ``damping``. The paper's adaptive conv
+  damping (its Eq. 5.16) could not be checked; this is the form of the
+  companion TEKFAC paper (its Eq. 3.5, :math:`\max(\mathrm{tr}\,\Theta_l,
+  \vartheta)/\dim\Theta_l` with :math:`\vartheta = \lambda\dim F_l`). It
+  keeps a fixed :math:`\lambda` from swamping the tiny eigenvalues of the
+  unit-trace factors of wide convolutions. Everything else (blocks,
   embeddings, norm layers, fallback, ``layers=``) is as in
   :func:`fisher_optax.kfac`.
 
@@ -177,6 +201,7 @@ def tkfac(
     eigen_correction: keep the factors' eigenbasis but use the diagonal of
       the Fisher measured in it (see :func:`fisher_optax.etkfac`).
     axis_name: data-parallel axis for ``pmean`` under ``shard_map``/``pmap``.
+    conv_damping: ``'normal'`` or ``'adaptive'`` (convolutions only).
     mask: weight-decay mask.
 
   Returns:
@@ -218,7 +243,8 @@ def tkfac(
           damping_mode=damping_mode, momentum_style=momentum_style,
           loss_reduction=loss_reduction, inverse_method=inverse_method,
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
-          axis_name=axis_name, eigen_correction=eigen_correction),
+          axis_name=axis_name, eigen_correction=eigen_correction,
+          conv_damping=conv_damping),
       optax.scale_by_learning_rate(learning_rate),
   )
 

@@ -177,9 +177,11 @@ class PreconditionTest(parameterized.TestCase):
     updates, state = _one_update(tx, params, grads, stats)
     algorithm = {'kfac': _kfac.KFAC, 'tkfac': _tkfac.TKFAC}[name]
     raw, layout = _factors(algorithm, st)  # full (unblocked) statistics
-    c_in, c_out, split = algorithm.factors(raw)
+    c_in, c_out, damp_in, damp_out, _ = algorithm.factors(raw, layout, lam)
     c_in, c_out = np.asarray(c_in[0, 0], np.float64), np.asarray(
         c_out[0, 0], np.float64)
+    split = 'pi' if name == 'kfac' else 'sqrt'
+    del damp_in, damp_out  # the reference recomputes them
 
     def blockdiag(m, b):
       if b is None:
@@ -317,6 +319,37 @@ class EngineTest(parameterized.TestCase):
           rtol=2e-4, atol=1e-6)
       np.testing.assert_allclose(updates['bias'][cols], want[-1],
                                  rtol=2e-4, atol=1e-6)
+
+  @parameterized.parameters('factored', 'eigen')
+  def test_tkfac_adaptive_conv_damping(self, mode):
+    """lambda_l = max(delta / dim F, lambda), against a dense solve."""
+    conv = nn.Conv(3, (2, 2), padding='VALID')
+    x = jax.random.normal(jax.random.key(16), (4, 4, 4, 2))
+    params = conv.init(jax.random.key(0), x)['params']
+    loss = lambda p, x: jnp.mean(jnp.sin(3 * conv.apply({'params': p}, x)))
+    _, grads, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params, x)
+    lam = 1e-6  # below the mean eigenvalue: the adaptive value is used
+    tx = fo.scale_by_tkfac(damping=lam, momentum=0.0, damping_mode=mode,
+                           conv_damping='adaptive')
+    updates, state = _one_update(tx, params, grads, stats)
+    st = {k: np.asarray(v[0], np.float64) for k, v in
+          state.stats[''].items()}
+    d_in, d_out = 9, 3
+    delta = float(st['delta'])
+    lam_l = max(delta / (d_in * d_out), lam)
+    self.assertGreater(lam_l, 10 * lam)
+    phi, psi = st['Phi'][0] / delta, st['Psi'][0] / delta
+    if mode == 'eigen':
+      curvature = delta * np.kron(phi, psi) + lam_l * np.eye(d_in * d_out)
+    else:
+      root = np.sqrt(delta)
+      curvature = np.kron(root * phi + np.sqrt(lam_l) * np.eye(d_in),
+                          root * psi + np.sqrt(lam_l) * np.eye(d_out))
+    w = np.concatenate([np.asarray(grads['kernel']).reshape(-1, d_out),
+                        np.asarray(grads['bias'])[None]], 0)
+    want = np.linalg.solve(curvature, w.reshape(-1)).reshape(w.shape)
+    np.testing.assert_allclose(updates['kernel'].reshape(-1, d_out),
+                               want[:-1], rtol=2e-4, atol=1e-6)
 
   def test_grouped_conv_without_layers_names_the_fix(self):
     conv = nn.Conv(4, (3, 3), feature_group_count=2)
