@@ -385,15 +385,13 @@ def adafisher(
     axis_name: str | None = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _base.with_l2(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
                          fallback_eps=fallback_eps, mu_dtype=mu_dtype,
                          axis_name=axis_name),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
 
 
 def adafisherw(

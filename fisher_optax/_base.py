@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import optax
 
 Array = jax.Array
 PathKey = str  # '/'-joined parameter path, e.g. 'encoder/Dense_0'.
@@ -169,3 +170,14 @@ def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
 
 def shape_of(x: Any) -> tuple[int, ...]:
   return tuple(np.shape(x))
+
+
+def with_l2(preconditioner: optax.GradientTransformation,
+            learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
+            mask: Any = None) -> optax.GradientTransformationExtraArgs:
+  """L2 added to the gradient, then ``preconditioner``, then ``-lr``."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask),
+      preconditioner,
+      optax.scale_by_learning_rate(learning_rate),
+  )

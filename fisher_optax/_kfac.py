@@ -220,8 +220,7 @@ def kfac(
     Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for
     convolution layers <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
   """
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _base.with_l2(
       scale_by_kfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
@@ -229,8 +228,7 @@ def kfac(
           loss_reduction=loss_reduction, inverse_method=inverse_method,
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, eigen_correction=eigen_correction),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
 
 
 scale_by_ekfac = functools.partial(scale_by_kfac, eigen_correction=True)

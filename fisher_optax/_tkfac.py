@@ -235,8 +235,7 @@ def tkfac(
     Kronecker-Factored Approximation to Natural Gradient
     <https://arxiv.org/abs/2011.10741>`_, AAAI 2021.
   """
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+  return _base.with_l2(
       scale_by_tkfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
@@ -245,8 +244,7 @@ def tkfac(
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, eigen_correction=eigen_correction,
           conv_damping=conv_damping),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
 
 
 scale_by_tekfac = functools.partial(scale_by_tkfac, eigen_correction=True)
