@@ -25,7 +25,7 @@ _JAX_NEW_BIND_PARAMS = (0, 9, 2)
 _KFAC_JAX_LAST_UNFIXED = (0, 0, 8)
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
   """``'0.9.2rc1'`` -> ``(0, 9, 2)``: leading numeric components only."""
   out = []
   for part in text.split('.'):
@@ -40,8 +40,8 @@ def _version(text: str) -> tuple[int, ...]:
 
 def needs_patch(jax_version: str, kfac_jax_version: str) -> bool:
   """Whether this JAX / kfac-jax pairing needs the ``eval_jaxpr_eqn`` fix."""
-  return (_version(jax_version) >= _JAX_NEW_BIND_PARAMS
-          and _version(kfac_jax_version) <= _KFAC_JAX_LAST_UNFIXED)
+  return (version_tuple(jax_version) >= _JAX_NEW_BIND_PARAMS
+          and version_tuple(kfac_jax_version) <= _KFAC_JAX_LAST_UNFIXED)
 
 
 def import_kfac_jax() -> ModuleType | None:

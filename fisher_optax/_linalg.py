@@ -340,11 +340,19 @@ def bucketed(
     raise ValueError('extra_by_key must have the same keys as blocks_by_key.')
 
   results = {}
+  previous = None
   for b, keys in groups.items():
     leads = [blocks_by_key[k].shape[:-2] for k in keys]
     sizes = [math.prod(lead) for lead in leads]
     stack = jnp.concatenate(
         [blocks_by_key[k].reshape(size, b, b) for k, size in zip(keys, sizes)])
+    if previous is not None:
+      # Run the block sizes one after another. jaxlib 0.10.0 to 0.11.0 split
+      # a batched LAPACK call over XLA's intra-op thread pool; two such calls
+      # running at once can block every pool thread and deadlock (seen on a
+      # 2-core CPU). A true data dependency orders them (XLA does not fold
+      # x * 0 for floats); an optimization_barrier did not.
+      stack = stack + 0.0 * jnp.isfinite(previous).astype(stack.dtype)
     if extra_by_key is None:
       out = fn(stack)
     else:
@@ -352,6 +360,7 @@ def bucketed(
           jnp.broadcast_to(jnp.asarray(extra_by_key[k]), lead).reshape(size)
           for k, lead, size in zip(keys, leads, sizes)])
       out = fn(stack, extra)
+    previous = jax.tree.leaves(out)[0].reshape(-1)[0]
     offsets = np.cumsum([0] + sizes)
     for key, lead, start, stop in zip(keys, leads, offsets[:-1], offsets[1:]):
       results[key] = jax.tree.map(

@@ -146,7 +146,8 @@ def _ours(name, seeds=(0,), damping=DAMPING):
   state = tx.init(params)
   for seed in seeds:
     updates, state = step(state, *_problem(name, seed)[2])
-  return updates, state[1]
+  kfac_state, = [s for s in state if isinstance(s, fo.KroneckerState)]
+  return updates, kfac_state
 
 
 @functools.cache
