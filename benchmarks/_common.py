@@ -109,3 +109,15 @@ def make_capture_adam_step(model: nn.Module, learning_rate: float,
                                                              layer_stats)
 
   return tx, _jit(train_step, donate)
+
+
+def print_table(header, rows) -> None:
+  """Prints ``rows`` under ``header`` as an aligned markdown table."""
+  widths = [max(len(str(row[j])) for row in [header] + list(rows))
+            for j in range(len(header))]
+  line = lambda row: '| ' + ' | '.join(
+      str(c).ljust(w) for c, w in zip(row, widths)) + ' |'
+  print(line(header))
+  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+  for row in rows:
+    print(line(row))

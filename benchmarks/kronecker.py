@@ -395,17 +395,6 @@ def preconditioning_rate(model_name: str, label: str, params, opt_state
   return rows
 
 
-def print_table(header, rows) -> None:
-  widths = [max(len(str(row[j])) for row in [header] + rows)
-            for j in range(len(header))]
-  line = lambda row: '| ' + ' | '.join(
-      str(c).ljust(w) for c, w in zip(row, widths)) + ' |'
-  print(line(header))
-  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-  for row in rows:
-    print(line(row))
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--repeats', type=int, default=None,
@@ -471,10 +460,10 @@ def main(argv=None) -> None:
                                           r.state())
     del runners
   print()
-  print_table(('model', 'optimizer', 'stats/inverse every', 'ms/step',
+  _common.print_table(('model', 'optimizer', 'stats/inverse every', 'ms/step',
                'ratio to adam', 'ratio to kfac-jax'), rows)
   print()
-  print_table(('model', 'product', 'MFLOP', 'ms', 'GFLOP/s'), rate_rows)
+  _common.print_table(('model', 'product', 'MFLOP', 'ms', 'GFLOP/s'), rate_rows)
   print(f'\ntotal {time.perf_counter() - start:.0f}s')
 
 

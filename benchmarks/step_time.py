@@ -191,17 +191,8 @@ def measure(runners: list[Runner], repeats: int, steps_per_block: int
   return out
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
-  header = ('model', 'optimizer', 'stats_every', 'timing', 'ms/step',
-            'ratio to adam')
-  widths = [max(len(str(row[j])) for row in [header] + rows)
-            for j in range(len(header))]
-  line = lambda row: '| ' + ' | '.join(
-      str(c).ljust(w) for c, w in zip(row, widths)) + ' |'
-  print(line(header))
-  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-  for row in rows:
-    print(line(row))
+HEADER = ('model', 'optimizer', 'stats_every', 'timing', 'ms/step',
+          'ratio to adam')
 
 
 def main(argv=None) -> None:
@@ -246,7 +237,7 @@ def main(argv=None) -> None:
         print(f'warning: {model_name} {r.label}: {int(nonfinite)} '
               'non-finite refreshes', file=sys.stderr)
   print()
-  print_table(rows)
+  _common.print_table(HEADER, rows)
   print(f'\ntotal {time.perf_counter() - start:.0f}s')
 
 
