@@ -35,15 +35,9 @@ donates them to its step (kfac-jax always donates); all see the same batch.
 kfac-jax`` are medians over repeats of the per-repeat ratio to Adam and to
 kfac-jax in ``'fisher_empirical'`` mode with the same periods.
 
-jaxlib 0.10.0 to 0.11.0 can deadlock on CPU when two batched LAPACK calls
-(``fisher_optax``'s per-block-size Cholesky stacks) run at once: each
-splits its batch over XLA's intra-op thread pool and blocks waiting for the
-pieces, and with every pool thread blocked nothing runs them (fixed in
-jaxlib 0.11.1, which no longer splits LAPACK batches in open-source builds).
-On those versions this script makes the inversion of each block size depend
-on the result of the previous one (see :func:`serialise_batched_inversions`),
-so that they run one after another; the factorisation FLOPs are unchanged.
-kfac-jax inverts one matrix per call and is not affected.
+On jaxlib 0.10.0 to 0.11.0 two batched LAPACK calls running at once can
+deadlock on CPU; ``fisher_optax._linalg.bucketed`` orders its per-block-size
+calls to avoid it, so the timings include that ordering.
 
 A second table gives the achieved GFLOP/s of the preconditioning products of
 our K-FAC, ``A^-1 W G^-1`` for every layer with the cached inverses of the
@@ -61,7 +55,6 @@ Usage::
 
 import argparse
 import dataclasses
-import importlib.metadata
 import inspect
 import math
 import os
@@ -79,7 +72,6 @@ import _common
 import _kfac_jax
 import fisher_optax as fo
 from fisher_optax import _kronecker
-from fisher_optax import _linalg
 
 BATCH = 128
 LEARNING_RATE = 1e-4  # Irrelevant to timing; small to keep values finite.
@@ -104,47 +96,6 @@ class Runner:
   sync: Callable[[], None]
   state: Callable[[], Any]  # current opt_state (ours) or None
   setup_s: float = 0.0
-
-
-def lapack_deadlock_possible() -> bool:
-  """Whether this jaxlib splits LAPACK batches over the intra-op pool."""
-  version = _kfac_jax.version_tuple(importlib.metadata.version('jaxlib'))
-  return (jax.default_backend() == 'cpu'
-          and (0, 10, 0) <= version < (0, 11, 1))
-
-
-def serialise_batched_inversions() -> None:
-  """Runs ``_linalg.bucketed``'s per-size calls one after another.
-
-  ``fisher_optax._linalg.bucketed`` calls its function once per block size
-  on independent data, so XLA may run those batched Cholesky factorisations
-  and triangular solves concurrently. This adds ``0 * isfinite(x)``, with
-  ``x`` one entry of the previous call's result, to each call's input: a
-  true data dependency (XLA does not fold a float product with zero), which
-  makes each call wait for the previous one and changes no value. (An
-  ``optimization_barrier`` is not enough: XLA:CPU still ran the calls
-  concurrently.) The cost is one addition per factor entry on inverse
-  steps.
-  """
-  if getattr(_linalg.bucketed, '_serialised', False):
-    return
-  original = _linalg.bucketed
-
-  def bucketed(fn, blocks_by_key, extra_by_key=None):
-    previous = []
-
-    def chained(stack, *extra):
-      if previous:
-        last = previous[-1].reshape(-1)[0]
-        stack = stack + 0.0 * jnp.isfinite(last).astype(stack.dtype)
-      out = fn(stack, *extra)
-      previous.append(jax.tree.leaves(out)[0])
-      return out
-
-    return original(chained, blocks_by_key, extra_by_key)
-
-  bucketed._serialised = True  # pylint: disable=protected-access
-  _linalg.bucketed = bucketed
 
 
 def _jit_step(step, donate: bool = True):
@@ -427,11 +378,6 @@ def main(argv=None) -> None:
     patched = _kfac_jax.needs_patch(jax.__version__, kfac_jax.__version__)
     print(f'kfac-jax {kfac_jax.__version__}'
           + (' (eval_jaxpr_eqn patched for this JAX)' if patched else ''))
-  if lapack_deadlock_possible():
-    serialise_batched_inversions()
-    print(f'jaxlib {importlib.metadata.version("jaxlib")} can deadlock in '
-          'concurrent batched LAPACK calls on CPU: fisher_optax\'s '
-          'per-block-size inversions are serialised.')
   print(f'batch {BATCH}, repeats {repeats}, steps/block {args.block}, '
         f'warm-up {WARMUP}, damping {DAMPING}, decay {DECAY}')
 
