@@ -5,8 +5,10 @@ take MNIST-shaped images ``(batch, 28, 28, 1)``.
 """
 
 from collections.abc import Callable
+import dataclasses
 import os
 import sys
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -121,3 +123,76 @@ def print_table(header, rows) -> None:
   print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
   for row in rows:
     print(line(row))
+
+
+@dataclasses.dataclass
+class Runner:
+  """One optimizer: ``run(n)`` steps it, ``sync()`` waits for it."""
+
+  label: str
+  periods: tuple[int, int] | None
+  run: Callable[[int], None]
+  sync: Callable[[], None]
+  state: Callable[[], Any]  # current opt_state (ours) or None
+  setup_s: float = 0.0
+
+
+def optax_runner(label, periods, tx, train_step, params, batch) -> Runner:
+  """A jitted optax train step with its own copy of the parameters.
+
+  ``train_step(params, opt_state, *batch) -> (params, opt_state, out)`` is
+  compiled here (``setup_s`` records how long that took).
+  """
+  holder = {'params': jax.tree.map(lambda p: p.copy(), params)}
+  holder['opt_state'] = tx.init(holder['params'])
+  holder['out'] = None
+  start = time.perf_counter()
+  compiled = train_step.lower(holder['params'], holder['opt_state'],
+                              *batch).compile()
+
+  def run(n):
+    for _ in range(n):
+      holder['params'], holder['opt_state'], holder['out'] = compiled(
+          holder['params'], holder['opt_state'], *batch)
+
+  def sync():
+    jax.block_until_ready((holder['params'], holder['opt_state'],
+                           holder['out']))
+
+  runner = Runner(label, periods, run, sync, lambda: holder['opt_state'])
+  runner.setup_s = time.perf_counter() - start
+  return runner
+
+
+def warm_up(runners: list[Runner], steps: int) -> None:
+  """Runs ``steps`` untimed steps of each runner (adds to ``setup_s``)."""
+  for r in runners:
+    start = time.perf_counter()
+    r.run(steps)
+    r.sync()
+    r.setup_s += time.perf_counter() - start
+
+
+def interleaved(runners: list[Runner], repeats: int, block: int
+                ) -> list[list[float]]:
+  """Seconds per step of every runner in every repeat, measured side by side.
+
+  Every repeat times one block of ``block`` contiguous steps of each runner
+  in turn, the order reversed on every other repeat, so that machine drift
+  hits all of them alike.
+
+  Returns:
+    ``times[runner][repeat]``.
+  """
+  times = [[] for _ in runners]
+  for rep in range(repeats):
+    order = list(enumerate(runners))
+    if rep % 2:
+      order.reverse()
+    for i, r in order:
+      r.sync()
+      start = time.perf_counter()
+      r.run(block)
+      r.sync()
+      times[i].append((time.perf_counter() - start) / block)
+  return times

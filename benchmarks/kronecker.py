@@ -54,14 +54,13 @@ Usage::
 """
 
 import argparse
-import dataclasses
 import inspect
 import math
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,43 +85,8 @@ KFAC_JAX_MODES = ('fisher_empirical', 'fisher_gradients')
 REFERENCE_MODE = 'fisher_empirical'
 
 
-@dataclasses.dataclass
-class Runner:
-  """One optimizer: ``run(n)`` steps it, ``sync()`` waits for it."""
-
-  label: str
-  periods: tuple[int, int] | None
-  run: Callable[[int], None]
-  sync: Callable[[], None]
-  state: Callable[[], Any]  # current opt_state (ours) or None
-  setup_s: float = 0.0
-
-
 def _jit_step(step, donate: bool = True):
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-def _optax_runner(label, periods, tx, train_step, params, batch) -> Runner:
-  """A jitted optax train step with its own copy of the parameters."""
-  holder = {'params': jax.tree.map(lambda p: p.copy(), params)}
-  holder['opt_state'] = tx.init(holder['params'])
-  holder['out'] = None
-  start = time.perf_counter()
-  compiled = train_step.lower(holder['params'], holder['opt_state'],
-                              *batch).compile()
-
-  def run(n):
-    for _ in range(n):
-      holder['params'], holder['opt_state'], holder['out'] = compiled(
-          holder['params'], holder['opt_state'], *batch)
-
-  def sync():
-    jax.block_until_ready((holder['params'], holder['opt_state'],
-                           holder['out']))
-
-  runner = Runner(label, periods, run, sync, lambda: holder['opt_state'])
-  runner.setup_s = time.perf_counter() - start
-  return runner
 
 
 def _fisher_runner(model, label, periods, factory, params, batch, **kwargs):
@@ -138,12 +102,12 @@ def _fisher_runner(model, label, periods, factory, params, batch, **kwargs):
                                    layer_stats=layer_stats)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return _optax_runner(label, periods, tx, _jit_step(train_step), params,
-                       batch)
+  return _common.optax_runner(label, periods, tx, _jit_step(train_step),
+                              params, batch)
 
 
 def _kfac_jax_runner(kfac_jax, model, mode, periods, params, batch
-                     ) -> Runner:
+                     ) -> _common.Runner:
   """``kfac_jax.Optimizer`` with fixed hyper-parameters, no adaptivity."""
 
   def loss_fn(params, batch):
@@ -188,13 +152,14 @@ def _kfac_jax_runner(kfac_jax, model, mode, periods, params, batch
     jax.block_until_ready((holder['params'], holder['state'],
                            holder['stats']))
 
-  runner = Runner(f'kfac-jax {mode}', periods, run, sync, lambda: None)
+  runner = _common.Runner(f'kfac-jax {mode}', periods, run, sync,
+                          lambda: None)
   runner.setup_s = time.perf_counter() - start  # init only; step compiles
   return runner                                  # in warm-up
 
 
 def make_runners(model_name: str, kfac_jax, blocked: bool
-                 ) -> tuple[list[Runner], Any]:
+                 ) -> tuple[list[_common.Runner], Any]:
   """Builds, compiles and warms up every optimizer for one model."""
   model = _common.MODELS[model_name]()
   rng = np.random.default_rng(0)
@@ -204,7 +169,7 @@ def make_runners(model_name: str, kfac_jax, blocked: bool
   params = model.init(jax.random.key(0), batch[0])['params']
 
   tx, step = _common.make_adam_step(model, LEARNING_RATE, donate=True)
-  runners = [_optax_runner('adam', None, tx, step, params, batch)]
+  runners = [_common.optax_runner('adam', None, tx, step, params, batch)]
   for periods in PERIODS:
     for name, factory in (('kfac', fo.kfac), ('tkfac', fo.tkfac)):
       for block_size in (None, BLOCK_SIZE) if blocked else (None,):
@@ -216,51 +181,30 @@ def make_runners(model_name: str, kfac_jax, blocked: bool
       for mode in KFAC_JAX_MODES:
         runners.append(_kfac_jax_runner(kfac_jax, model, mode, periods,
                                         params, batch))
-  for r in runners:
-    start = time.perf_counter()
-    r.run(WARMUP)
-    r.sync()
-    r.setup_s += time.perf_counter() - start
+  _common.warm_up(runners, WARMUP)
   return runners, params
 
 
-def measure(runners: list[Runner], repeats: int, block: int
+def measure(runners: list[_common.Runner], repeats: int, block: int
             ) -> list[tuple[float, float, float | None]]:
-  """Interleaved amortised timings.
-
-  Args:
-    runners: the optimizers; the first one is Adam.
-    repeats: number of rounds; each times one block of every optimizer.
-    block: steps per block (a multiple of every inverse period).
+  """Interleaved amortised timings (:func:`_common.interleaved`).
 
   Returns:
     Per runner, ``(median s/step, median ratio to Adam, median ratio to
-    kfac-jax fisher_empirical with the same periods or None)``.
+    kfac-jax fisher_empirical with the same periods or None)``; the first
+    runner is Adam.
   """
   reference = {r.periods: i for i, r in enumerate(runners)
                if r.label == f'kfac-jax {REFERENCE_MODE}'}
-  times = [[] for _ in runners]
-  to_adam = [[] for _ in runners]
-  to_kfac_jax = [[] for _ in runners]
-  for rep in range(repeats):
-    order = list(enumerate(runners))
-    if rep % 2:
-      order.reverse()
-    this = {}
-    for i, r in order:
-      r.sync()
-      start = time.perf_counter()
-      r.run(block)
-      r.sync()
-      this[i] = (time.perf_counter() - start) / block
-    for i, r in enumerate(runners):
-      times[i].append(this[i])
-      to_adam[i].append(this[i] / this[0])
-      if r.periods in reference:
-        to_kfac_jax[i].append(this[i] / this[reference[r.periods]])
-  return [(statistics.median(t), statistics.median(a),
-           statistics.median(k) if k else None)
-          for t, a, k in zip(times, to_adam, to_kfac_jax)]
+  times = _common.interleaved(runners, repeats, block)
+  out = []
+  for r, t in zip(runners, times):
+    ref = times[reference[r.periods]] if r.periods in reference else None
+    out.append((statistics.median(t),
+                statistics.median(a / b for a, b in zip(t, times[0])),
+                None if ref is None else statistics.median(
+                    a / b for a, b in zip(t, ref))))
+  return out
 
 
 def kronecker_state(opt_state) -> fo.KroneckerState | None:

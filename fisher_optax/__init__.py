@@ -17,6 +17,10 @@ from fisher_optax._kfac import kfac
 from fisher_optax._kfac import scale_by_ekfac
 from fisher_optax._kfac import scale_by_kfac
 from fisher_optax._kronecker import KroneckerState
+from fisher_optax._mini_block_fisher import mini_block_fisher
+from fisher_optax._mini_block_fisher import mini_block_fisher_warm_start
+from fisher_optax._mini_block_fisher import scale_by_mini_block_fisher
+from fisher_optax._mini_block_fisher import ScaleByMiniBlockFisherState
 from fisher_optax._pairing import coverage
 from fisher_optax._pairing import Coverage
 from fisher_optax._tkfac import scale_by_tekfac
@@ -34,16 +38,20 @@ __all__ = (
     'LayerMeta',
     'LayerStats',
     'ScaleByAdaFisherState',
+    'ScaleByMiniBlockFisherState',
     'adafisher',
     'adafisherw',
     'coverage',
     'ekfac',
     'kfac',
     'linen',
+    'mini_block_fisher',
+    'mini_block_fisher_warm_start',
     'nnx',
     'scale_by_adafisher',
     'scale_by_ekfac',
     'scale_by_kfac',
+    'scale_by_mini_block_fisher',
     'scale_by_tekfac',
     'scale_by_tkfac',
     'tekfac',

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import fisher_optax as fo
 from fisher_optax import _adafisher
 from fisher_optax import _kfac
+from fisher_optax import _mini_block_fisher
 from fisher_optax import _pairing
 from fisher_optax import _tkfac
 from fisher_optax.capture import linen as capture_linen
@@ -34,7 +35,8 @@ class ApiTest(parameterized.TestCase):
     for name in fo.__all__:
       self.assertTrue(hasattr(fo, name), name)
 
-  @parameterized.parameters(_adafisher, _kfac, _pairing, _tkfac,
+  @parameterized.parameters(_adafisher, _kfac, _mini_block_fisher,
+                            _pairing, _tkfac,
                             capture_linen, capture_nnx)
   def test_doctests(self, module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
@@ -65,7 +67,7 @@ class MultiDeviceTest(absltest.TestCase):
   def test_shard_map_equals_single_device(self):
     """8 forced host devices with axis_name vs one device, same batch.
 
-    AdaFisher, K-FAC and TKFAC: the per-device statistics are pmean-ed, so
+    AdaFisher, K-FAC, TKFAC and MBF: the per-device statistics are pmean-ed, so
     three steps on 8 shards of the batch equal three steps on the whole.
     """
     script = textwrap.dedent('''
@@ -105,7 +107,9 @@ class MultiDeviceTest(absltest.TestCase):
                                  p, state, x, y)
       for make in (lambda **kw: fo.adafisher(1e-3, stats_every=2, **kw),
                    lambda **kw: fo.kfac(0.05, inverse_every=2, **kw),
-                   lambda **kw: fo.tkfac(0.05, inverse_every=2, **kw)):
+                   lambda **kw: fo.tkfac(0.05, inverse_every=2, **kw),
+                   lambda **kw: fo.mini_block_fisher(
+                       0.01, inverse_every=2, **kw)):
         a = run(make(), single)
         b = run(make(axis_name='data'), sharded)
         jax.tree.map(lambda u, v: np.testing.assert_allclose(
