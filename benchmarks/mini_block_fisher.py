@@ -10,7 +10,7 @@ step of
 * ``fisher_optax.mini_block_fisher`` on the same gradients, with statistics /
   inverses every 1 / 20 steps and each ``inverse_method`` (``cholesky``,
   ``inv``, ``eigh``), and with the released code's periods for that model
-  (CNN 10 / 100, autoencoder 2 / 25) and the default method.
+  (CNN 10 / 100, autoencoder 2 / 25) and the default method (``inv``).
 
 All steps run side by side in one process, interleaved: every repeat times
 one block of ``--block`` contiguous steps of each optimizer in turn (the
@@ -46,7 +46,7 @@ from mnist_autoencoder import reconstruction_loss
 LEARNING_RATE = 1e-6  # Irrelevant to timing; small to keep values finite.
 DAMPING = 1e-3
 WARMUP = 3
-METHODS = ('cholesky', 'inv', 'eigh')
+METHODS = ('inv', 'cholesky', 'eigh')  # the first is the default
 BATCH = {'cnn': 128, 'autoencoder': 1000}
 # The released code's (stats_every, inverse_every) for each kind of model.
 PRESET_PERIODS = {'cnn': (10, 100), 'autoencoder': (2, 25)}

@@ -28,8 +28,8 @@ KRON = dict(damping=1e-2, momentum=0.9, stats_every=10, inverse_every=100)
 OPTIMIZERS = {
     'adam': (optax.adam, {}, (1e-3, 3e-3, 1e-2)),
     'adafisher': (fo.adafisher, _common.ADAFISHER_KWARGS, (1e-3, 3e-3, 1e-2)),
-    'kfac': (fo.kfac, KRON, (3e-4, 1e-3, 3e-3)),
-    'tkfac': (fo.tkfac, KRON, (3e-4, 1e-3, 3e-3)),
+    'kfac': (fo.kfac, KRON, (1e-3, 3e-3, 1e-2)),
+    'tkfac': (fo.tkfac, KRON, (1e-3, 3e-3, 1e-2)),
 }
 STATIC = ('stats_every', 'inverse_every', 'mode')
 

@@ -50,6 +50,9 @@ _PI_EPS = 1e-30
 
 _METHODS = ('cholesky', 'inv', 'eigh')
 
+# Largest number of blocks that block_apply multiplies one by one on CPU.
+_UNROLL_BLOCKS = 16
+
 
 def _float(x) -> jax.Array:
   """``x`` as an array of at least float32."""
@@ -66,6 +69,15 @@ def _symmetrise(blocks: jax.Array) -> jax.Array:
 
 def _eye_like(blocks: jax.Array) -> jax.Array:
   return jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+
+
+def _unroll(nb: int) -> bool:
+  """Whether to issue the products of ``nb`` blocks one by one.
+
+  XLA:CPU runs a dot batched over a few large blocks much slower than the
+  same dots issued separately (1.75x for 7 blocks of 128 on 2 cores).
+  """
+  return 1 < nb <= _UNROLL_BLOCKS and jax.default_backend() == 'cpu'
 
 
 def _block_layout(n: int, block_size: int | None) -> tuple[int, int]:
@@ -115,7 +127,12 @@ def block_outer(
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
   xb = x.reshape(x.shape[:-1] + (nb, b))
   xw = xb if weights is None else xb * _float(weights)[..., None, None]
-  out = jnp.einsum('...rki,...rkj->...kij', xw, xb, precision=precision)
+  if _unroll(nb):
+    out = jnp.stack([
+        jnp.einsum('...ri,...rj->...ij', xw[..., k, :], xb[..., k, :],
+                   precision=precision) for k in range(nb)], axis=-3)
+  else:
+    out = jnp.einsum('...rki,...rkj->...kij', xw, xb, precision=precision)
   out = out / max(num_rows, 1)
   if pad:
     # A unit diagonal on the padded features keeps the last block invertible
@@ -166,6 +183,14 @@ def block_apply(
     widths = [(0, 0)] * v.ndim
     widths[axis] = (0, pad)
     v = jnp.pad(v, widths)
+  if _unroll(nb):
+    if side == 'left':
+      parts = [jnp.matmul(blocks[..., i, :, :], v[..., i * b:(i + 1) * b, :],
+                          precision=precision) for i in range(nb)]
+      return jnp.concatenate(parts, axis=-2)[..., :n, :]
+    parts = [jnp.matmul(v[..., i * b:(i + 1) * b], blocks[..., i, :, :],
+                        precision=precision) for i in range(nb)]
+    return jnp.concatenate(parts, axis=-1)[..., :n]
   if side == 'left':
     m = v.shape[-1]
     vb = v.reshape(v.shape[:-2] + (nb, b, m))

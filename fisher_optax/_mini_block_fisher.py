@@ -289,7 +289,7 @@ def scale_by_mini_block_fisher(
     inverse_every: int = 20,
     block_size: int | None = None,
     dense_blocks: str = 'average',
-    inverse_method: str = 'cholesky',
+    inverse_method: str = 'inv',
     fallback: str = 'adam',
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
@@ -460,7 +460,7 @@ def mini_block_fisher(
     inverse_every: int = 20,
     block_size: int | None = None,
     dense_blocks: str = 'average',
-    inverse_method: str = 'cholesky',
+    inverse_method: str = 'inv',
     fallback: str = 'adam',
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
@@ -537,7 +537,8 @@ def mini_block_fisher(
     block_size: largest block along a dense layer's output axis (None: the
       whole output axis).
     dense_blocks: ``'average'`` or ``'column'``.
-    inverse_method: ``'cholesky'``, ``'inv'`` or ``'eigh'``.
+    inverse_method: ``'inv'`` (LU; measured fastest here, see
+      ``benchmarks/mini_block_fisher.py``), ``'cholesky'`` or ``'eigh'``.
     fallback: ``'adam'`` or ``'diagonal'``, for parameters in no block.
     fallback_b2: second-moment decay of the Adam fallback.
     fallback_eps: epsilon of the Adam fallback.

@@ -75,6 +75,8 @@ class BlockOuterTest(parameterized.TestCase):
       ('weighted_padded', 7, 3, True, ()),
       ('stacked_weighted_padded', 7, 4, True, (2, 3)),
       ('stacked_divisible', 6, 2, False, (2,)),
+      # More blocks than block_outer unrolls on CPU: one batched einsum.
+      ('many_blocks_weighted_padded', 39, 2, True, (2,)),
   )
   def test_against_loop(self, n, block_size, weighted, stack):
     num_rows = 5
@@ -130,6 +132,9 @@ class BlockApplyTest(parameterized.TestCase):
           dict(nb=2, b=4, n=5, block_stack=(2,), v_stack=()),
           dict(nb=2, b=4, n=5, block_stack=(), v_stack=(3,)),
           dict(nb=3, b=2, n=6, block_stack=(2, 1), v_stack=(3,)),
+          # More blocks than block_apply unrolls on CPU: one batched dot.
+          dict(nb=20, b=2, n=39, block_stack=(2,), v_stack=()),
+          dict(nb=1, b=5, n=4, block_stack=(2,), v_stack=()),
       ],
   )
   def test_against_dense(self, side, case):

@@ -168,7 +168,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
       ('column', dict(dense_blocks='column')),
       ('column_blocks', dict(dense_blocks='column', block_size=2)),
       ('diagonal_fallback', dict(fallback='diagonal', block_size=4)),
-      ('inverse', dict(inverse_method='inv')),
+      ('cholesky', dict(inverse_method='cholesky')),
       ('eigh', dict(inverse_method='eigh')),
   )
   def test_update_matches_loop_reference(self, kw):
