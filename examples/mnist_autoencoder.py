@@ -16,7 +16,7 @@ rate of each optimizer, and saves the best runs' loss against time to
 
 The data is the bundled MNIST test set (t10k), split into 8,000 training and
 2,000 held-out images (``examples/_mnist_data.py``). The defaults take about
-five minutes on a two-core CPU.
+six minutes on a two-core CPU.
 
 Usage::
 
