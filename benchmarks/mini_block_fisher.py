@@ -126,22 +126,19 @@ def main(argv=None):
       rows.append((model_name, r.label, every,
                    f'{1e3 * statistics.median(t):.2f}', f'{ratio:.2f}'))
     adam_bytes = nbytes(runners[0].state())
-    seen = set()
-    for r in runners:
-      state = r.state()
-      size = nbytes(state)
-      if r.label.startswith('mbf') and size in seen:
-        continue  # periods and methods do not change the state
-      seen.add(size)
-      inner = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-          s, fo.ScaleByMiniBlockFisherState)) if isinstance(
-              s, fo.ScaleByMiniBlockFisherState)]
-      if inner and int(inner[0].nonfinite):
-        print(f'warning: {model_name} {r.label}: {int(inner[0].nonfinite)} '
-              'non-finite refreshes')
+    # Periods and inverse methods do not change the state: one MBF row.
+    for r in runners[:2]:
+      size = nbytes(r.state())
       mem_rows.append((model_name, r.label.split()[0],
                        f'{size / 2**20:.1f}', f'{size / adam_bytes:.2f}',
                        f'{size / nbytes(params):.2f}'))
+    for r in runners[1:]:
+      inner = [s for s in jax.tree.leaves(r.state(), is_leaf=lambda s: (
+          isinstance(s, fo.ScaleByMiniBlockFisherState))) if isinstance(
+              s, fo.ScaleByMiniBlockFisherState)]
+      if int(inner[0].nonfinite):
+        print(f'warning: {model_name} {r.label}: {int(inner[0].nonfinite)} '
+              'non-finite refreshes')
     del runners
   print()
   _common.print_table(('model', 'optimizer', 'stats/inverse every',

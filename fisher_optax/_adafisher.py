@@ -103,14 +103,9 @@ def scale_by_adafisher(
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
   """
-  if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
-  if fallback not in FALLBACKS:
-    raise ValueError(f'fallback must be one of {FALLBACKS}, got {fallback!r}.')
-  if not isinstance(stats_every, int) or stats_every < 1:
-    raise ValueError(f'stats_every must be a positive int, got {stats_every!r}'
-                     '; periods are static (pass it in static_args of '
-                     'optax.inject_hyperparams).')
+  _base.check_options(
+      'scale_by_adafisher', periods={'stats_every': stats_every},
+      choices={'mode': (mode, MODES), 'fallback': (fallback, FALLBACKS)})
   reference = mode == 'reference'
   fill = 1.0 if reference else 0.0
   known_layers: set[str] = set()
@@ -221,7 +216,6 @@ def scale_by_adafisher(
 
     count_inc = optax.safe_increment(state.count)
     bias_mu = 1 - b1 ** count_inc.astype(jnp.float32)
-    bias_nu = 1 - fallback_b2 ** count_inc.astype(jnp.float32)
 
     mu = [m if _base.is_masked(g) else
           (b1 * m + (1 - b1) * g).astype(m.dtype) for g, m in zip(grads, mu)]
@@ -247,11 +241,10 @@ def scale_by_adafisher(
         fisher = scale[i] * (s[i] - shift[i]) + damping
         u = m_hat / fisher
       elif fallback == 'adam':
-        nu = jnp.where(state.count == 0, 0.0, s[i])
-        nu = fallback_b2 * nu + (1 - fallback_b2) * jnp.square(
-            g.astype(jnp.float32))
-        s[i] = nu
-        u = m_hat / (jnp.sqrt(nu / bias_nu) + fallback_eps)
+        s[i], denom = _base.adam_denominator(
+            jnp.where(state.count == 0, 0.0, s[i]), g, count_inc,
+            fallback_b2, fallback_eps)
+        u = m_hat / denom
       elif fallback == 'momentum':
         u = m_hat
       else:

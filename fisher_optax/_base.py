@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -166,6 +167,53 @@ def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
       raise TypeError(f'{where}: layer_stats[{k!r}] is a {type(v).__name__},'
                       ' not a fisher_optax LayerStats.')
   return layer_stats
+
+
+def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
+                  block_size: Any = None,
+                  choices: Mapping[str, tuple[Any, tuple[Any, ...]]]
+                  | None = None) -> None:
+  """Validates an optimizer's static options; errors name the option.
+
+  Args:
+    where: the factory's name, for messages.
+    periods: ``{name: value}`` of refresh periods: positive Python ints
+      (static; ``optax.inject_hyperparams`` needs them in ``static_args``).
+    block_size: None or a positive int.
+    choices: ``{name: (value, allowed values)}``.
+  """
+  for name, value in (periods or {}).items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(
+          f'{where}: {name} must be a positive int, got {value!r}; periods '
+          'are static (pass them in static_args of optax.inject_hyperparams).')
+  if block_size is not None and (not isinstance(block_size, int)
+                                 or block_size < 1):
+    raise ValueError(f'{where}: block_size must be None or a positive int, '
+                     f'got {block_size!r}.')
+  for name, (value, allowed) in (choices or {}).items():
+    if value not in allowed:
+      raise ValueError(f'{where}: {name} must be one of {allowed}, got '
+                       f'{value!r}.')
+
+
+def adam_denominator(nu: jax.Array, g: jax.Array, count: jax.Array,
+                     b2: Any, eps: Any) -> tuple[jax.Array, jax.Array]:
+  """Adam's second moment, for the fallback every optimizer offers.
+
+  Args:
+    nu: previous second moment of ``g`` (float32).
+    g: the gradient.
+    count: steps taken including this one (for the bias correction).
+    b2: decay of the second moment.
+    eps: added to the square root.
+
+  Returns:
+    ``(new_nu, sqrt(nu_hat) + eps)``: divide a first moment by the second.
+  """
+  nu = b2 * nu + (1 - b2) * jnp.square(g.astype(jnp.float32))
+  nu_hat = nu / (1 - b2 ** count.astype(jnp.float32))
+  return nu, jnp.sqrt(nu_hat) + eps
 
 
 def shape_of(x: Any) -> tuple[int, ...]:

@@ -326,21 +326,13 @@ def scale_by_kronecker(
   where = f'scale_by_{"e" if eigen_correction else ""}{algorithm.name}'
   if eigen_correction:
     damping_mode = 'eigen'
-  for name, value in (('stats_every', stats_every),
-                      ('inverse_every', inverse_every)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f'{where}: {name} must be a positive int, got '
-                       f'{value!r}; periods are static.')
-  if block_size is not None and (not isinstance(block_size, int)
-                                 or block_size < 1):
-    raise ValueError(f'{where}: block_size must be None or a positive int.')
-  if damping_mode not in ('factored', 'eigen'):
-    raise ValueError(f"{where}: damping_mode must be 'factored' or 'eigen'.")
-  if momentum_style not in ('heavy_ball', 'adam'):
-    raise ValueError(f"{where}: momentum_style must be 'heavy_ball' or "
-                     "'adam'.")
-  if loss_reduction not in ('mean', 'sum'):
-    raise ValueError(f"{where}: loss_reduction must be 'mean' or 'sum'.")
+  _base.check_options(
+      where, periods={'stats_every': stats_every,
+                      'inverse_every': inverse_every},
+      block_size=block_size,
+      choices={'damping_mode': (damping_mode, ('factored', 'eigen')),
+               'momentum_style': (momentum_style, ('heavy_ball', 'adam')),
+               'loss_reduction': (loss_reduction, ('mean', 'sum'))})
   template = None
   if layers is not None:
     template = {}
@@ -548,10 +540,10 @@ def scale_by_kronecker(
       if path in diag_paths:
         return g / (nu[i] + damping)
       # Parameters no layer covers: Adam's diagonal.
-      nu_i = jnp.where(first, 0.0, nu[i])
-      nu[i] = fallback_b2 * nu_i + (1 - fallback_b2) * jnp.square(g)
-      bias_nu = 1 - fallback_b2 ** count_inc.astype(jnp.float32)
-      return g / (jnp.sqrt(nu[i] / bias_nu) + fallback_eps)
+      nu[i], denom = _base.adam_denominator(
+          jnp.where(first, 0.0, nu[i]), g, count_inc, fallback_b2,
+          fallback_eps)
+      return g / denom
 
     grads32 = [g if _base.is_masked(g) else g.astype(jnp.float32)
                for g in grads]

@@ -268,18 +268,6 @@ def _precondition(layer: _Layer, inverse: jax.Array, v: jax.Array):
   return _linalg.block_apply(inverse, v[..., None, :], 'right')[..., 0, :]
 
 
-def _check_periods(where, stats_every, inverse_every, block_size):
-  for name, value in (('stats_every', stats_every),
-                      ('inverse_every', inverse_every)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f'{where}: {name} must be a positive int, got '
-                       f'{value!r}; periods are static.')
-  if block_size is not None and (not isinstance(block_size, int)
-                                 or block_size < 1):
-    raise ValueError(f'{where}: block_size must be None or a positive int, '
-                     f'got {block_size!r}.')
-
-
 def scale_by_mini_block_fisher(
     damping: jax.typing.ArrayLike = 1e-3,
     fisher_decay: jax.typing.ArrayLike = 0.9,
@@ -306,14 +294,13 @@ def scale_by_mini_block_fisher(
     A :class:`optax.GradientTransformationExtraArgs`.
   """
   where = 'scale_by_mini_block_fisher'
-  _check_periods(where, stats_every, inverse_every, block_size)
-  for name, value, allowed in (('dense_blocks', dense_blocks, DENSE_BLOCKS),
-                               ('fallback', fallback, FALLBACKS),
-                               ('inverse_method', inverse_method,
-                                INVERSE_METHODS)):
-    if value not in allowed:
-      raise ValueError(f'{where}: {name} must be one of {allowed}, got '
-                       f'{value!r}.')
+  _base.check_options(
+      where, periods={'stats_every': stats_every,
+                      'inverse_every': inverse_every},
+      block_size=block_size,
+      choices={'dense_blocks': (dense_blocks, DENSE_BLOCKS),
+               'fallback': (fallback, FALLBACKS),
+               'inverse_method': (inverse_method, INVERSE_METHODS)})
 
   def layers_for(tree):
     return _layers(tree, layers, block_size, dense_blocks, fallback, where)
@@ -365,13 +352,11 @@ def scale_by_mini_block_fisher(
                 **extra_args):
     del params, extra_args
     blocked = layers_for(updates)
-    frozen = {_base.split_path(p)[0] for p, leaf in
-              _base.flatten_with_paths(updates).items()
-              if _base.is_masked(leaf)}
-    check(blocked, state, layer_stats, frozen)
     paths, grads, treedef = _base.flatten_leaves(updates)
     _, moms, _ = _base.flatten_leaves(state.momentum)
     live = [not _base.is_masked(g) for g in grads]
+    frozen = {_base.split_path(p)[0] for p, ok in zip(paths, live) if not ok}
+    check(blocked, state, layer_stats, frozen)
     g32 = {p: g.astype(jnp.float32) for p, g, ok in zip(paths, grads, live)
            if ok}
     if axis_name is not None:
@@ -434,10 +419,9 @@ def scale_by_mini_block_fisher(
     count_inc = optax.safe_increment(state.count)
     nu = {}
     for path, v in state.nu.items():
-      nu[path] = fallback_b2 * v + (1 - fallback_b2) * jnp.square(g32[path])
-      v_hat = nu[path] / (1 - fallback_b2 ** count_inc.astype(jnp.float32))
-      direction[path] = ((1 - momentum) * m32[path]
-                         / (jnp.sqrt(v_hat) + fallback_eps))
+      nu[path], denom = _base.adam_denominator(
+          v, g32[path], count_inc, fallback_b2, fallback_eps)
+      direction[path] = (1 - momentum) * m32[path] / denom
 
     out = [g if not ok else direction[p].astype(g.dtype)
            for p, g, ok in zip(paths, grads, live)]
@@ -628,10 +612,12 @@ def mini_block_fisher_warm_start(
   if not grads:
     raise ValueError(f'{where}: needs at least one gradient.')
 
+  # Kinds and shapes come from the gradients; each layer's form and block
+  # size from the structure and shapes of the state's statistics.
+  template = _layers(grads[0], layers, None, 'average', 'diagonal', where)
+
   def blocked_for(state):
-    # The state's structure says each layer's form and block size.
     found = {}
-    template = _layers(grads[0], layers, None, 'average', 'diagonal', where)
     for key, forms in state.stats.items():
       (form, have), = forms.items()
       layer = template.get(key)
@@ -648,6 +634,8 @@ def mini_block_fisher_warm_start(
       found[key] = layer
     return found
 
+  all_blocked = [blocked_for(s) for s in states]
+
   @jax.jit
   def mean_stats(grads):
     flat = [_base.flatten_with_paths(g) for g in grads]
@@ -655,7 +643,6 @@ def mini_block_fisher_warm_start(
                                    for f in flat) / len(flat)}
              for key, layer in blocked.items()} for blocked in all_blocked]
 
-  all_blocked = [blocked_for(s) for s in states]
   new_stats = iter(mean_stats(grads))
 
   def replace(x):

@@ -305,12 +305,10 @@ class MiniBlockFisherTest(parameterized.TestCase):
     state = fo.mini_block_fisher_warm_start(tx.init(params), warm)
     inner = state[0]
     self.assertEqual(int(inner.num_stats), 3)
-    d = warm[0]['Dense_0']
     rows = [np.concatenate([np.asarray(w['Dense_0']['kernel']),
                             np.asarray(w['Dense_0']['bias'])[None]], 0)
             for w in warm]
     want = sum(r.T @ r / r.shape[0] for r in rows) / 3
-    del d
     np.testing.assert_allclose(inner.stats['Dense_0']['average'][0], want,
                                rtol=1e-5)
     got, _ = _run(tx, params, grads, state)
