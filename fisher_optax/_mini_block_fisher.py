@@ -18,10 +18,14 @@ Mini-blocks (Flax layouts):
   A ``1 x 1`` kernel gives scalar blocks, a diagonal.
 * dense kernel ``(I, O)`` with its bias folded in as a last row,
   ``G~ = [dW; db]`` of shape ``(I + 1, O)``: the rows of ``G~`` are the
-  blocks (one per input unit). ``dense_blocks='average'`` (the released
-  default, "Avg") shares one ``O x O`` matrix ``G~^T G~ / (I + 1)`` between
-  all rows; ``'column'`` keeps one matrix per row. ``block_size`` splits the
-  output axis into diagonal blocks of that size (1: a diagonal).
+  blocks (one per input unit). ``dense_blocks='average'`` (the paper's
+  "Avg") shares one ``O x O`` matrix ``G~^T G~ / (I + 1)`` between all rows;
+  ``'column'`` keeps one matrix per row. ``'chunks'`` is what the released
+  code computes for "Avg": its blocks are runs of ``O`` consecutive entries
+  of the output-major ``G~^T`` (a raw ``view(I + 1, O)`` of PyTorch's
+  ``[dW | db]``), which mixes units; its presets were tuned with it.
+  ``block_size`` splits the output axis into diagonal blocks of that size
+  (1: a diagonal).
 * everything else (conv biases, norm scales and shifts, embeddings,
   parameters no layer owns) goes to the fallback: the released code's Adam
   rule on the momentum, or MBF's own diagonal ``(E[g^2] + lambda)^-1``.
@@ -34,6 +38,7 @@ previous value and is counted in ``state.nonfinite``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -45,7 +50,9 @@ import optax
 from fisher_optax import _base
 from fisher_optax import _linalg
 
-DENSE_BLOCKS = ('average', 'column')
+DENSE_BLOCKS = ('average', 'column', 'chunks')
+# Dense forms whose rows share one averaged matrix.
+_SHARED = ('average', 'chunks')
 FALLBACKS = ('adam', 'diagonal')
 INVERSE_METHODS = ('cholesky', 'inv', 'eigh')
 
@@ -56,7 +63,7 @@ class _Layer:
 
   Attributes:
     key: layer path (param path for a ``'diagonal'`` fallback leaf).
-    form: ``'average'``/``'column'`` (dense), ``'conv'`` or ``'diagonal'``.
+    form: one of ``DENSE_BLOCKS`` (dense), ``'conv'`` or ``'diagonal'``.
     kernel: path of the kernel (or of the fallback leaf).
     bias: path of a dense bias folded in as the last row, or None.
     lead: stack axes (``nn.scan``) shared by every block of the layer.
@@ -81,7 +88,7 @@ class _Layer:
     if self.form == 'diagonal':
       return self.lead
     nb = -(-self.width // self.block)
-    per_row = () if self.form == 'average' else (self.rows,)
+    per_row = () if self.form in _SHARED else (self.rows,)
     return self.lead + per_row + (nb, self.block, self.block)
 
 
@@ -92,8 +99,8 @@ class ScaleByMiniBlockFisherState(NamedTuple):
     count: steps taken.
     momentum: heavy-ball buffer :math:`m`, like the parameters.
     stats: ``{layer: {form: F}}``, the averaged mini-block statistics
-      (``form`` is ``'average'``, ``'column'``, ``'conv'`` or ``'diagonal'``;
-      blocks are ``(..., nb, b, b)``).
+      (``form`` is ``'average'``, ``'column'``, ``'chunks'``, ``'conv'`` or
+      ``'diagonal'``; blocks are ``(..., nb, b, b)``).
     inverses: the cached :math:`(F + \lambda I)^{-1}`, same structure.
     nu: ``{param path: v}``, Adam second moments of fallback parameters.
     num_stats: statistics refreshes so far (warm-start batches included);
@@ -207,6 +214,10 @@ def _vectors(layer: _Layer, leaves: Mapping[str, jax.Array]) -> jax.Array:
   if layer.bias is not None:
     b = leaves[layer.bias].astype(jnp.float32)
     v = jnp.concatenate([v, b.reshape(b.shape[:n] + (1, layer.width))], -2)
+  if layer.form == 'chunks':
+    # PyTorch's [dW | db] is G~^T; the released code views its memory as
+    # (I + 1, O) rows without transposing.
+    v = jnp.swapaxes(v, -1, -2).reshape(v.shape)
   return v
 
 
@@ -218,6 +229,8 @@ def _from_vectors(layer: _Layer, v: jax.Array,
   if layer.form == 'conv':
     v = jnp.swapaxes(v, -1, -2)
     return {layer.kernel: v.reshape(like[layer.kernel].shape)}
+  if layer.form == 'chunks':
+    v = jnp.swapaxes(v.reshape(v.shape[:-2] + v.shape[:-3:-1]), -1, -2)
   out = {}
   if layer.bias is not None:
     out[layer.bias] = v[..., -1, :].reshape(like[layer.bias].shape)
@@ -234,8 +247,8 @@ def _statistic(layer: _Layer, v: jax.Array) -> jax.Array:
   """Mini-block second moments of block vectors ``v``."""
   if layer.form == 'diagonal':
     return jnp.square(v)
-  if layer.form == 'average':
-    # G~^T G~ / rows, in diagonal blocks of the output axis.
+  if layer.form in _SHARED:
+    # V^T V / rows, in diagonal blocks of the output axis.
     return _linalg.block_outer(v, layer.block)
   return _linalg.block_outer(v[..., None, :], layer.block)
 
@@ -262,8 +275,8 @@ def _precondition(layer: _Layer, inverse: jax.Array, v: jax.Array):
   if layer.block == 1:
     # Scalar blocks: (..., [rows,] nb, 1, 1) is a diagonal over the width.
     scale = inverse[..., 0, 0]
-    return v * (scale[..., None, :] if layer.form == 'average' else scale)
-  if layer.form == 'average':
+    return v * (scale[..., None, :] if layer.form in _SHARED else scale)
+  if layer.form in _SHARED:
     return _linalg.block_apply(inverse, v, 'right')
   return _linalg.block_apply(inverse, v[..., None, :], 'right')[..., 0, :]
 
@@ -466,12 +479,19 @@ def mini_block_fisher(
   * dense kernel ``(I, O)`` with its bias as an extra row,
     :math:`\tilde G = [\nabla W; \nabla b] \in \mathbb{R}^{(I+1) \times O}`:
     one block per row :math:`\tilde g_r`. With ``dense_blocks='average'``
-    (the paper's released default) all rows share one matrix,
+    (the paper's "Avg") all rows share one matrix,
     :math:`S = \tilde G^\top \tilde G / (I+1)`; with ``'column'`` each row
     keeps its own :math:`\tilde g_r \tilde g_r^\top` (memory
-    :math:`(I+1) O^2`). ``block_size`` keeps only the diagonal blocks of
-    that size along the output axis: 1 is a diagonal, ``None`` (or
-    :math:`O`) the full output-side block.
+    :math:`(I+1) O^2`). ``'chunks'`` is the released code's "Avg": the same
+    average over :math:`I+1` vectors of length :math:`O`, but the vectors
+    are runs of :math:`O` consecutive entries of :math:`\tilde G^\top`
+    flattened row by row, so each mixes several units. The released presets
+    were tuned with it; a mean gradient :math:`\tilde G` is close to rank
+    one, so the true-row average has almost all eigenvalues below
+    :math:`\lambda` and needs a much larger damping (see
+    ``docs/mini_block_fisher.md``). ``block_size`` keeps only the diagonal
+    blocks of that size along the output axis: 1 is a diagonal, ``None``
+    (or :math:`O`) the full output-side block.
 
   Every step
 
@@ -500,9 +520,10 @@ def mini_block_fisher(
   the per-example empirical Fisher divided by :math:`B`, plus the squared
   mean. Learning rates and damping are on that scale (the released MNIST
   autoencoder preset: :math:`\alpha = 10^{-5}`, :math:`\lambda = 3 \cdot
-  10^{-4}` with a summed loss). Where the gradient is small against
-  :math:`\lambda` the step tends to :math:`\alpha m / \lambda`: heavy-ball
-  SGD with learning rate :math:`\alpha / \lambda`, which must stay stable.
+  10^{-4}` with ``dense_blocks='chunks'`` and a loss summed over pixels).
+  Where the gradient is small against :math:`\lambda` the step tends to
+  :math:`\alpha m / \lambda`: heavy-ball SGD with learning rate
+  :math:`\alpha / \lambda`, which must stay stable.
 
   Layer kinds come from parameter names and shapes: a 2-D ``kernel`` is
   dense, a kernel with 3 or more axes a conv. Stacked (``nn.scan``) or
@@ -520,7 +541,7 @@ def mini_block_fisher(
     inverse_every: static period of the inverse refresh.
     block_size: largest block along a dense layer's output axis (None: the
       whole output axis).
-    dense_blocks: ``'average'`` or ``'column'``.
+    dense_blocks: ``'average'``, ``'column'`` or ``'chunks'``.
     inverse_method: ``'inv'`` (LU; measured fastest here, see
       ``benchmarks/mini_block_fisher.py``), ``'cholesky'`` or ``'eigh'``.
     fallback: ``'adam'`` or ``'diagonal'``, for parameters in no block.
@@ -569,6 +590,19 @@ def mini_block_fisher(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _mean_statistics(grads, all_blocked):
+  """Mean of every layer's statistic over ``grads``, per MBF state.
+
+  Module-level, with the (hashable) layouts static, so that a second warm
+  start of the same model reuses the compiled function.
+  """
+  flat = [_base.flatten_with_paths(g) for g in grads]
+  return [{key: {layer.form: sum(_statistic(layer, _vectors(layer, f))
+                                 for f in flat) / len(flat)}
+           for key, layer in blocked} for blocked in all_blocked]
 
 
 def mini_block_fisher_warm_start(
@@ -634,16 +668,8 @@ def mini_block_fisher_warm_start(
       found[key] = layer
     return found
 
-  all_blocked = [blocked_for(s) for s in states]
-
-  @jax.jit
-  def mean_stats(grads):
-    flat = [_base.flatten_with_paths(g) for g in grads]
-    return [{key: {layer.form: sum(_statistic(layer, _vectors(layer, f))
-                                   for f in flat) / len(flat)}
-             for key, layer in blocked.items()} for blocked in all_blocked]
-
-  new_stats = iter(mean_stats(grads))
+  all_blocked = tuple(tuple(blocked_for(s).items()) for s in states)
+  new_stats = iter(_mean_statistics(grads, all_blocked))
 
   def replace(x):
     if not is_state(x):

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import fisher_optax as fo
+from fisher_optax import _mini_block_fisher
 
 
 class _Net(nn.Module):
@@ -51,7 +52,9 @@ def _reference_blocks(g, block_size, dense_blocks, fallback):
   A block id maps to a list of ``(path, index)`` pairs, one per entry of the
   block vector, so the reference reads and writes parameters entry by entry.
   Averaged dense blocks share one statistic: their ids are
-  ``('avg', layer, chunk)`` and each row is a separate vector.
+  ``('avg', layer, j)`` for the output slice starting at ``j``, and each
+  row (or, for ``'chunks'``, each run of ``O`` consecutive entries of the
+  output-major ``[W^T | b]``) is a separate vector.
   """
   blocks = []  # (stat id, [(path, index), ...])
   blocked = set()
@@ -74,11 +77,15 @@ def _reference_blocks(g, block_size, dense_blocks, fallback):
     if bias in g:
       rows.append([(bias, (c,)) for c in range(n_out)])
       blocked.add(bias)
+    if dense_blocks == 'chunks':
+      # PyTorch order: output unit by output unit, its inputs then its bias.
+      flat = [row[c] for c in range(n_out) for row in rows]
+      rows = [flat[k:k + n_out] for k in range(0, len(flat), n_out)]
     b = n_out if block_size is None else block_size
     for r, row in enumerate(rows):
       for j in range(0, n_out, b):
-        sid = (('avg', layer, j) if dense_blocks == 'average'
-               else ('col', layer, r, j))
+        sid = (('col', layer, r, j) if dense_blocks == 'column'
+               else ('avg', layer, j))
         blocks.append((sid, row[j:j + b]))
     blocked.add(path)
   for path, arr in g.items():
@@ -167,6 +174,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
       ('average_diagonal', dict(block_size=1)),
       ('column', dict(dense_blocks='column')),
       ('column_blocks', dict(dense_blocks='column', block_size=2)),
+      ('chunks', dict(dense_blocks='chunks')),
+      ('chunks_blocks', dict(dense_blocks='chunks', block_size=2)),
       ('diagonal_fallback', dict(fallback='diagonal', block_size=4)),
       ('cholesky', dict(inverse_method='cholesky')),
       ('eigh', dict(inverse_method='eigh')),
@@ -218,7 +227,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
     # The 1x1 conv has scalar blocks: a diagonal.
     self.assertEqual(state.stats['Conv_1']['conv'].shape, (4 * 3, 1, 1, 1))
 
-  @parameterized.parameters('average', 'column')
+  @parameterized.parameters('average', 'column', 'chunks')
   def test_dense_statistic_by_hand(self, dense_blocks):
     params = _params()
     grads = _random_grads(params, 1)[0]
@@ -231,6 +240,11 @@ class MiniBlockFisherTest(parameterized.TestCase):
     if dense_blocks == 'average':
       want = g_tilde.T @ g_tilde / g_tilde.shape[0]
       np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    elif dense_blocks == 'chunks':
+      # PyTorch's [dW | db] (O, I+1) in memory, read as (I+1, O) rows.
+      c = np.ascontiguousarray(g_tilde.T).reshape(g_tilde.shape)
+      self.assertFalse(np.allclose(c, g_tilde))
+      np.testing.assert_allclose(got[0], c.T @ c / c.shape[0], rtol=1e-5)
     else:
       want = np.einsum('ri,rj->rij', g_tilde, g_tilde)
       np.testing.assert_allclose(got[:, 0], want, rtol=1e-5)
@@ -297,26 +311,41 @@ class MiniBlockFisherTest(parameterized.TestCase):
     self.assertFalse(np.allclose(after.stats['Conv_0']['conv'],
                                  state.stats['Conv_0']['conv']))
 
-  def test_warm_start_is_the_mean_then_the_average_continues(self):
+  @parameterized.parameters('average', 'chunks')
+  def test_warm_start_is_the_mean_then_the_average_continues(
+      self, dense_blocks):
     params = _params()
     warm = _random_grads(params, 3, seed=7)
     grads = _random_grads(params, 4)
-    tx = fo.mini_block_fisher(0.1, **_KW)
+    tx = fo.mini_block_fisher(0.1, dense_blocks=dense_blocks, **_KW)
     state = fo.mini_block_fisher_warm_start(tx.init(params), warm)
     inner = state[0]
     self.assertEqual(int(inner.num_stats), 3)
     rows = [np.concatenate([np.asarray(w['Dense_0']['kernel']),
                             np.asarray(w['Dense_0']['bias'])[None]], 0)
             for w in warm]
+    if dense_blocks == 'chunks':
+      rows = [np.ascontiguousarray(r.T).reshape(r.shape) for r in rows]
     want = sum(r.T @ r / r.shape[0] for r in rows) / 3
-    np.testing.assert_allclose(inner.stats['Dense_0']['average'][0], want,
+    np.testing.assert_allclose(inner.stats['Dense_0'][dense_blocks][0], want,
                                rtol=1e-5)
     got, _ = _run(tx, params, grads, state)
-    ref = _reference(grads, **_ref_kw(), warm=warm)
+    ref = _reference(grads, **_ref_kw(dense_blocks=dense_blocks), warm=warm)
     for g, w in zip(got, ref):
       for path in w:
         np.testing.assert_allclose(g[path], -0.1 * w[path], rtol=2e-4,
                                    atol=2e-6)
+
+  def test_warm_start_compiles_once_per_model(self):
+    # A second warm start of the same model must not recompile: examples
+    # compile it outside their wall-clock budget.
+    params = _params()
+    tx = fo.mini_block_fisher(0.1, **_KW)
+    warm = _random_grads(params, 2, seed=3)
+    fo.mini_block_fisher_warm_start(tx.init(params), warm)
+    size = _mini_block_fisher._mean_statistics._cache_size()
+    fo.mini_block_fisher_warm_start(tx.init(params), warm[::-1])
+    self.assertEqual(_mini_block_fisher._mean_statistics._cache_size(), size)
 
   def test_warm_start_errors(self):
     params = _params()
