@@ -12,8 +12,8 @@ gradients with pixels sampled from the model, counts against it),
 from the same initial parameters and the same batch order, at each of three
 learning rates. The script prints a table of every run (training-set loss
 at the end of the budget, held-out loss, steps done) and the best learning
-rate of each optimizer, and saves the best runs' loss against time to
-``<out>/mnist_autoencoder_loss.png``.
+rate of each optimizer, and saves the best runs' loss against time and
+against steps to ``<out>/mnist_autoencoder_loss.png``.
 
 The data is the bundled MNIST test set (t10k), split into 8,000 training and
 2,000 held-out images (``examples/_mnist_data.py``). The defaults take about
@@ -220,17 +220,22 @@ def dataset_loss(model, params, images, chunk=1000):
 
 
 def plot(best, path):
-  fig = figure.Figure(figsize=(6.4, 4.0))
-  ax = fig.subplots()
+  """Best runs' batch loss against wall-clock time and against steps."""
+  fig = figure.Figure(figsize=(10.0, 4.0))
+  by_time, by_step = fig.subplots(1, 2, sharey=True)
   for i, (name, res) in enumerate(best.items()):
-    ax.plot(res['times'], res['losses'], color=f'C{i}',
-            label=f"{name} (lr={res['learning_rate']:g})")
-  ax.set_yscale('log')
-  ax.set_xlabel('wall-clock time (s, after compilation)')
-  ax.set_ylabel('training batch loss (summed BCE per image)')
-  ax.set_title('MNIST deep autoencoder: MBF vs Adam vs AdaFisher')
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend()
+    label = f"{name} (lr={res['learning_rate']:g})"
+    by_time.plot(res['times'], res['losses'], color=f'C{i}', label=label)
+    by_step.plot(np.arange(1, len(res['losses']) + 1), res['losses'],
+                 color=f'C{i}', label=label)
+  by_time.set_yscale('log')
+  by_time.set_xlabel('wall-clock time (s, after compilation)')
+  by_time.set_ylabel('training batch loss (summed BCE per image)')
+  by_step.set_xlabel('step')
+  for ax in (by_time, by_step):
+    ax.grid(True, which='both', alpha=0.3)
+  by_time.legend()
+  fig.suptitle('MNIST deep autoencoder: MBF vs Adam vs AdaFisher')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -295,6 +300,12 @@ def main():
           f'{res["train_loss"]:.2f} | {res["test_loss"]:.2f} | {mark} |')
   print('train / held-out loss: summed BCE per image over the whole split at'
         ' the end of the budget; ms/step includes MBF\'s warm start.')
+  # Per step rather than per second: the batch loss (mean of 5 steps) where
+  # the best run with the fewest steps stopped.
+  n = min(len(res['losses']) for res in best.values())
+  print(f'Batch loss at step {n}: ' + ', '.join(
+      f"{name} {np.mean(res['losses'][max(n - 5, 0):n]):.1f}"
+      for name, res in best.items()))
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'mnist_autoencoder_loss.png')
   plot(best, path)
