@@ -54,7 +54,7 @@ WIDTHS = (1000, 500, 250, 30, 250, 500, 1000)
 # loss AdaFisher diverged within 10 steps at 3e-4 to 3e-3.
 LEARNING_RATES = {
     'adam': (3e-4, 1e-3, 3e-3),
-    'adafisher': (1e-6, 1e-5, 1e-4),
+    'adafisher': (1e-5, 2e-5, 5e-5),
     'mbf': (3e-6, 1e-5, 3e-5),
     'mbf_average': (1e-4, 3e-4, 6e-4),
 }
