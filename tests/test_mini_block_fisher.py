@@ -357,7 +357,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "'Conv_0'"):
       fo.mini_block_fisher_warm_start(state, [other])
 
-  def test_scan_stack_needs_layers(self):
+  @parameterized.parameters('average', 'chunks')
+  def test_scan_stack_needs_layers(self, dense_blocks):
     class Model(nn.Module):
 
       @nn.compact
@@ -382,15 +383,16 @@ class MiniBlockFisherTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, f'{key!r}.*layers='):
       tx.update(grads, tx.init(params), layer_stats=stats)
     layers = jax.eval_shape(step_fn, params, x)[2]
-    tx = fo.scale_by_mini_block_fisher(**_KW, layers=layers)
+    tx = fo.scale_by_mini_block_fisher(**_KW, layers=layers,
+                                       dense_blocks=dense_blocks)
     state = tx.init(params)
-    self.assertEqual(state.stats[key]['average'].shape, (3, 1, 4, 4))
+    self.assertEqual(state.stats[key][dense_blocks].shape, (3, 1, 4, 4))
     updates, _ = jax.jit(lambda g, s: tx.update(g, s, layer_stats=stats))(
         grads, state)
     # Each stack slice is an independent dense layer.
     for layer in range(3):
       sliced = jax.tree.map(lambda a, i=layer: a[i], grads)
-      want = _reference([sliced], **_ref_kw())[0]
+      want = _reference([sliced], **_ref_kw(dense_blocks=dense_blocks))[0]
       got = _flat(jax.tree.map(lambda a, i=layer: a[i], updates))
       for path in want:
         np.testing.assert_allclose(got[path], want[path], rtol=1e-4,
