@@ -152,6 +152,11 @@ def split_path(path: PathKey) -> tuple[PathKey, str]:
   return head, name
 
 
+def join_path(key: PathKey, name: str) -> PathKey:
+  """('a/b', 'kernel') -> 'a/b/kernel'; a top-level layer's key is ''."""
+  return f'{key}/{name}' if key else name
+
+
 def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
   """Validates the type of a ``layer_stats`` argument."""
   if layer_stats is None:

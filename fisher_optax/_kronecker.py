@@ -522,7 +522,7 @@ def scale_by_kronecker(
       if st.meta.kind != 'norm':
         continue
       for name, f in _stats.adafisher_factors(st, False)[0].items():
-        path = f'{key}/{name}'.strip('/')
+        path = _base.join_path(key, name)
         if assignments[path].frozen:
           continue
         batch = st.g.shape[st.meta.stack_ndim + 1]
@@ -560,8 +560,8 @@ def scale_by_kronecker(
     out = list(source)
     done = set()
     for key, layout in layouts.items():
-      kname = f'{key}/{layout.kernel}'.strip('/')
-      bname = (f'{key}/{layout.bias}'.strip('/') if layout.bias else None)
+      kname = _base.join_path(key, layout.kernel)
+      bname = _base.join_path(key, layout.bias) if layout.bias else None
       if assignments[kname].frozen or (bname and assignments[bname].frozen):
         continue
       ik = index[kname]

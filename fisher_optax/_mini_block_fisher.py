@@ -157,7 +157,7 @@ def _layers(params: Any, layers: Mapping[str, _base.LayerStats] | None,
       captured.add(key)
       if meta.kind not in ('dense', 'conv'):
         continue
-      kernel = _join(key, meta.param_name('kernel'))
+      kernel = _base.join_path(key, meta.param_name('kernel'))
       if kernel not in leaves:
         raise ValueError(
             f'{where}: layers has {meta.module} {key!r} but the parameters '
@@ -170,7 +170,7 @@ def _layers(params: Any, layers: Mapping[str, _base.LayerStats] | None,
             f'{where}: parameter {kernel!r} has shape '
             f'{_base.shape_of(live[kernel])} but layers says {want}.')
       bias = meta.param_name('bias')
-      bias = _join(key, bias) if bias else None
+      bias = _base.join_path(key, bias) if bias else None
       if meta.kind == 'conv' or (bias is not None and bias not in live):
         bias = None
       n_in = len(meta.cfg('in_axes') or (0,))
@@ -181,7 +181,7 @@ def _layers(params: Any, layers: Mapping[str, _base.LayerStats] | None,
     ndim = len(_base.shape_of(leaf))
     if name != 'kernel' or ndim < 2 or key in captured:
       continue
-    bias = _join(key, 'bias')
+    bias = _base.join_path(key, 'bias')
     if ndim >= 3 or bias not in live or (
         _base.shape_of(live[bias]) != _base.shape_of(leaf)[-1:]):
       bias = None
@@ -195,10 +195,6 @@ def _layers(params: Any, layers: Mapping[str, _base.LayerStats] | None,
         out[path] = _Layer(path, 'diagonal', path, None,
                            _base.shape_of(leaf), 1, 1, 1)
   return out
-
-
-def _join(key: str, name: str) -> str:
-  return f'{key}/{name}' if key else name
 
 
 def _vectors(layer: _Layer, leaves: Mapping[str, jax.Array]) -> jax.Array:

@@ -51,7 +51,7 @@ def pair(params: Any, layer_stats: Mapping[str, _base.LayerStats],
       raise ValueError(f'{where}: layer_stats[{key!r}] ({meta.module}) owns '
                        'no parameters.')
     for role, name in meta.params:
-      path = f'{key}/{name}' if key else name
+      path = _base.join_path(key, name)
       if path not in leaves:
         raise ValueError(
             f'{where}: layer_stats has layer {key!r} ({meta.module}) but the '

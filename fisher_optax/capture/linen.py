@@ -152,8 +152,8 @@ def _param_prefix(trace: _Trace, variables) -> str:
     return prefixes.pop()
   user_paths = set(trace.param_ids.values())
   for prefix in ('', 'params'):
-    join = lambda p, prefix=prefix: f'{prefix}/{p}' if prefix else p
-    if inner and all(join(p) in user_paths for p in inner):
+    if inner and all(_base.join_path(prefix, p) in user_paths
+                     for p in inner):
       return prefix
   raise ValueError(
       'fisher_optax could not find the parameters that `model.apply` was '
@@ -370,7 +370,7 @@ def _assemble(trace: _Trace, params, captured, cotangents):
     prefix = trace.prefixes[k]
     for path, node in _modules(applied[INPUTS], 'a').items():
       spec, module_name, config = trace.layers[(k, path)]
-      key = f'{prefix}/{path}'.strip('/') if path else prefix
+      key = _base.join_path(prefix, path) if path else prefix
       stack_ndim = jnp.ndim(node['marker'][0])
       entry = calls.setdefault(key, {
           'spec': spec, 'module': module_name, 'config': config,
@@ -384,9 +384,9 @@ def _assemble(trace: _Trace, params, captured, cotangents):
         entry['extras'].setdefault(name, []).extend(values)
   stats = {}
   for key, e in calls.items():
-    shapes = {n: _base.shape_of(outer[f'{key}/{n}'.strip('/')])
+    shapes = {n: _base.shape_of(outer[_base.join_path(key, n)])
               for n in e['spec'].params.values()
-              if f'{key}/{n}'.strip('/') in outer}
+              if _base.join_path(key, n) in outer}
     stats[key] = _layers.build(key, e['spec'], e['module'], e['config'],
                                shapes, e['stack_ndim'], e['a'], e['g'],
                                e['extras'])

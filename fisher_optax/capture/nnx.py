@@ -265,9 +265,9 @@ def _assemble(model, inter, cotangents):
     g_node = _get(cotangents, path)
     g_calls = [g_node[f'fo_g{n}'] for n in range(len(a_calls))]
     extras = {'xhat': list(node['fo_xhat'])} if 'fo_xhat' in node else {}
-    shapes = {n: _base.shape_of(params[f'{path}/{n}'.strip('/')])
+    shapes = {n: _base.shape_of(params[_base.join_path(path, n)])
               for n in spec.params.values()
-              if f'{path}/{n}'.strip('/') in params}
+              if _base.join_path(path, n) in params}
     stats[path] = _layers.build(path, spec, type(module).__name__, config,
                                 shapes, stack_ndim, a_calls, g_calls, extras)
   return stats
