@@ -49,19 +49,25 @@ def _jit(fn, donate: bool):
   return jax.jit(fn, donate_argnums=(0, 1) if donate else ())
 
 
+def make_gradient_step(tx: optax.GradientTransformation,
+                       loss_fn: Callable[..., jax.Array],
+                       donate: bool = False) -> TrainStep:
+  """``tx`` on plain gradients of ``loss_fn(params, *batch)``."""
+
+  def train_step(params, opt_state, *batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return _jit(train_step, donate)
+
+
 def make_adam_step(model: nn.Module, learning_rate: float,
                    donate: bool = False
                    ) -> tuple[optax.GradientTransformation, TrainStep]:
   """Adam on plain gradients from :func:`jax.value_and_grad`."""
-  loss_fn = make_loss_fn(model)
   tx = optax.adam(learning_rate)
-
-  def train_step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return tx, _jit(train_step, donate)
+  return tx, make_gradient_step(tx, make_loss_fn(model), donate)
 
 
 def make_adafisher_step(model: nn.Module, learning_rate: float,

@@ -67,12 +67,7 @@ def _problem(model_name):
 
 
 def _runner(label, periods, tx, loss_fn, params, batch):
-  def train_step(params, opt_state, *batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  step = jax.jit(train_step, donate_argnums=(0, 1))
+  step = _common.make_gradient_step(tx, loss_fn, donate=True)
   return _common.optax_runner(label, periods, tx, step, params, batch)
 
 

@@ -108,9 +108,9 @@ def make_loss_fn(model: nn.Module) -> Callable[..., jax.Array]:
       model.apply({'params': params}, x), x)
 
 
-def make_adam(model, learning_rate):
+def make_gradient_step(model, tx):
+  """``tx`` on plain gradients (Adam and MBF need nothing else)."""
   loss_fn = make_loss_fn(model)
-  tx = optax.adam(learning_rate)
 
   @jax.jit
   def train_step(params, opt_state, x):
@@ -119,6 +119,10 @@ def make_adam(model, learning_rate):
     return optax.apply_updates(params, updates), opt_state, loss
 
   return tx, train_step
+
+
+def make_adam(model, learning_rate):
+  return make_gradient_step(model, optax.adam(learning_rate))
 
 
 def make_adafisher(model, learning_rate):
@@ -136,16 +140,8 @@ def make_adafisher(model, learning_rate):
 
 
 def make_mbf(model, learning_rate, kwargs=None):
-  loss_fn = make_loss_fn(model)
-  tx = fo.mini_block_fisher(learning_rate, **(kwargs or MBF_KWARGS))
-
-  @jax.jit
-  def train_step(params, opt_state, x):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return tx, train_step
+  return make_gradient_step(
+      model, fo.mini_block_fisher(learning_rate, **(kwargs or MBF_KWARGS)))
 
 
 def make_sampled_grad(model: nn.Module):
