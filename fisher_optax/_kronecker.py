@@ -515,24 +515,33 @@ def scale_by_kronecker(
       precond = {**state.precond, **new_pre}
       nonfinite = nonfinite + bad.astype(jnp.int32) + bad_blocks
 
-    # Norm layers: diagonal empirical Fisher of scale and bias.
+    # Norm layers: diagonal empirical Fisher of scale and bias, computed
+    # inside the cond so that other steps do not pay for it.
     weight = jnp.where(first, 1.0, 1.0 - fisher_decay)
-    diag_paths = {}
-    for key, st in layer_stats.items():
-      if st.meta.kind != 'norm':
-        continue
-      for name, f in _stats.adafisher_factors(st, False)[0].items():
-        path = _base.join_path(key, name)
-        if assignments[path].frozen:
-          continue
+    norm_layers = {key: st for key, st in layer_stats.items()
+                   if st.meta.kind == 'norm'}
+
+    def refresh_norm(old):
+      new = dict(old)
+      for key, st in norm_layers.items():
         batch = st.g.shape[st.meta.stack_ndim + 1]
         scale = float(batch) ** 2 if loss_reduction == 'mean' else 1.0
-        i = index[path]
-        fresh = jnp.broadcast_to(f.s * scale, nu[i].shape)
-        nu[i] = lax.cond(state.count % stats_every == 0,
-                         lambda old, fresh=fresh: (1 - weight) * old
-                         + weight * fresh, lambda old: old, nu[i])
-        diag_paths[path] = i
+        for name, f in _stats.adafisher_factors(st, False)[0].items():
+          path = _base.join_path(key, name)
+          if path in old:
+            fresh = jnp.broadcast_to(f.s * scale, old[path].shape)
+            new[path] = (1 - weight) * old[path] + weight * fresh
+      return new
+
+    # A norm layer's factors are its scale and bias, the params it owns.
+    diag_paths = {path: index[path] for path in (
+        _base.join_path(key, name) for key, st in norm_layers.items()
+        for _, name in st.meta.params) if not assignments[path].frozen}
+    refreshed = lax.cond(state.count % stats_every == 0, refresh_norm,
+                         lambda old: old,
+                         {p: nu[i] for p, i in diag_paths.items()})
+    for path, i in diag_paths.items():
+      nu[i] = refreshed[path]
 
     def direction(i, g):
       """Preconditioned direction of leaf ``i`` (non-Kronecker leaves)."""
