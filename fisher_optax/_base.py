@@ -202,6 +202,128 @@ def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
                        f'{value!r}.')
 
 
+def _concrete(value: Any):
+  """``value`` as a NumPy array, or None if it is traced or a schedule."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_hyperparams(where: str, *,
+                      positive: Mapping[str, Any] | None = None,
+                      nonnegative: Mapping[str, Any] | None = None,
+                      decays: Mapping[str, Any] | None = None,
+                      finite: Mapping[str, Any] | None = None) -> None:
+  """Validates concrete numeric hyperparameters; errors name the argument.
+
+  Values that are traced (``optax.inject_hyperparams`` inside ``jit``) or
+  callables (schedules) cannot be checked when the optimizer is built and
+  are passed through unchecked.
+
+  Args:
+    where: the factory's name, for messages.
+    positive: ``{name: value}`` that must be finite and > 0 (``damping``).
+    nonnegative: ``{name: value}`` that must be finite and >= 0 (``eps``,
+      ``weight_decay``).
+    decays: ``{name: value}`` that must lie in ``[0, 1)`` (``b1``,
+      ``fisher_decay``, ``momentum``).
+    finite: ``{name: value}`` that must be finite (``learning_rate``).
+  """
+  rules = (
+      (positive, lambda v: np.isfinite(v) & (v > 0), 'a finite number > 0'),
+      (nonnegative, lambda v: np.isfinite(v) & (v >= 0),
+       'a finite number >= 0'),
+      (decays, lambda v: (v >= 0) & (v < 1), 'in [0, 1)'),
+      (finite, np.isfinite, 'finite'),
+  )
+  for group, ok, what in rules:
+    for name, value in (group or {}).items():
+      v = _concrete(value)
+      if v is None:
+        continue
+      if not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
+        raise TypeError(f'{where}: {name} must be a real number, got '
+                        f'{value!r}.')
+      if not np.all(ok(v.astype(np.float64))):
+        raise ValueError(f'{where}: {name} must be {what}, got {value!r}.')
+
+
+def check_same_structure(where: str, name: str, tree: Any, ref_name: str,
+                         ref: Any) -> None:
+  """Raises if ``tree`` and ``ref`` differ in paths; names the first one.
+
+  Masked (frozen) nodes count as leaves, so an ``optax.masked`` update tree
+  matches its masked state. Shapes are compared leaf by leaf as well.
+  """
+  paths, leaves, _ = flatten_leaves(tree)
+  ref_paths, ref_leaves, _ = flatten_leaves(ref)
+  if paths != ref_paths:
+    extra = [p for p in paths if p not in set(ref_paths)]
+    missing = [p for p in ref_paths if p not in set(paths)]
+    if extra:
+      detail = f'{name} has {extra[0]!r}, which {ref_name} does not'
+    elif missing:
+      detail = f'{name} has no {missing[0]!r}, which {ref_name} has'
+    else:
+      first = next(i for i, (p, q) in enumerate(zip(paths, ref_paths))
+                   if p != q)
+      detail = (f'leaf {first} is {paths[first]!r} in {name} but '
+                f'{ref_paths[first]!r} in {ref_name}')
+    raise ValueError(f'{where}: the structure of {name} does not match '
+                     f'{ref_name}: {detail}. Pass the same tree that init '
+                     'saw.')
+  for path, leaf, ref_leaf in zip(paths, leaves, ref_leaves):
+    if is_masked(leaf) != is_masked(ref_leaf):
+      raise ValueError(f'{where}: {path!r} is masked in one of {name} and '
+                       f'{ref_name} but not in the other.')
+    if not is_masked(leaf) and shape_of(leaf) != shape_of(ref_leaf):
+      raise ValueError(f'{where}: {name} {path!r} has shape '
+                       f'{shape_of(leaf)} but {ref_name} has '
+                       f'{shape_of(ref_leaf)}.')
+
+
+def stats_dtype(x: Any) -> Any:
+  """Dtype of curvature statistics for a parameter (or dtype) ``x``.
+
+  At least float32 (bfloat16 parameters keep float32 statistics) and float64
+  for float64 parameters, so that ``jax_enable_x64`` runs stay float64.
+  """
+  dtype = x if isinstance(x, (np.dtype, type)) else jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def is_float(x: Any) -> bool:
+  """Whether ``x`` is a floating-point array (not masked, not integer)."""
+  return (not is_masked(x)) and jnp.issubdtype(jnp.result_type(x),
+                                               jnp.inexact)
+
+
+def add_decayed_weights(weight_decay: Any, mask: Any = None
+                        ) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` that never touches integer leaves.
+
+  A step counter or an integer buffer kept among the parameters must not be
+  decayed (optax would add ``weight_decay * step`` to its update). The
+  user's ``mask`` is combined with the float-leaf mask.
+  """
+  def float_mask(params):
+    floats = jax.tree.map(is_float, params, is_leaf=is_masked)
+    if mask is None:
+      return floats
+    user = mask(params) if callable(mask) else mask
+    # optax accepts a mask that is a prefix of the parameter tree.
+    return jax.tree.map(
+        lambda u, sub: jax.tree.map(lambda f: bool(f) and bool(u), sub),
+        user, floats)
+
+  return optax.add_decayed_weights(weight_decay, float_mask)
+
+
 def adam_denominator(nu: jax.Array, g: jax.Array, count: jax.Array,
                      b2: Any, eps: Any) -> tuple[jax.Array, jax.Array]:
   """Adam's second moment, for the fallback every optimizer offers.
@@ -230,7 +352,7 @@ def with_l2(preconditioner: optax.GradientTransformation,
             mask: Any = None) -> optax.GradientTransformationExtraArgs:
   """L2 added to the gradient, then ``preconditioner``, then ``-lr``."""
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask),
+      add_decayed_weights(weight_decay, mask),
       preconditioner,
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -66,7 +66,64 @@ def pair(params: Any, layer_stats: Mapping[str, _base.LayerStats],
             f'{where}: parameter {path!r} has shape {_base.shape_of(leaf)} '
             f'but layer {key!r} ({meta.module}) was captured with {want}.')
       out[path] = Assignment(path, key, name, role)
+    check_arrays(key, st, where)
   return out
+
+
+def check_arrays(key: str, st: _base.LayerStats, where: str) -> None:
+  """Checks a layer's ``a`` and ``g`` against its metadata; names the layer.
+
+  ``a`` and ``g`` must share their stack, call and batch axes, the stack
+  axes must be the parameters', and the feature sizes must be the ones the
+  kernel (or table, or scale) implies. Statistics of another model, or
+  arrays edited by hand, fail here instead of deep inside an optimizer.
+  """
+  meta = st.meta
+  k = meta.stack_ndim
+
+  def fail(msg):
+    raise ValueError(f'{where}: layer_stats[{key!r}] ({meta.module}, '
+                     f'{meta.kind}): {msg}.')
+
+  a_shape, g_shape = _base.shape_of(st.a), _base.shape_of(st.g)
+  if len(a_shape) < k + 2 or len(g_shape) < k + 2:
+    fail(f'a {a_shape} and g {g_shape} need {k} stack axes, a call axis '
+         'and a batch axis')
+  if a_shape[:k + 2] != g_shape[:k + 2]:
+    fail(f'a {a_shape} and g {g_shape} differ in their leading (stack, '
+         'call, batch) axes')
+  stack = meta.param_shapes[0][1][:k]
+  if a_shape[:k] != stack:
+    fail(f'stack axes {a_shape[:k]} differ from the parameter stack {stack}')
+  if meta.kind in ('dense', 'conv'):
+    from fisher_optax.capture import _layers  # pylint: disable=g-import-not-at-top
+    shapes = {n: s[k:] for n, s in meta.param_shapes}
+    try:
+      _layers.validate_shapes(key, meta.kind, dict(meta.config),
+                              a_shape[k + 1:], g_shape[k + 1:], shapes,
+                              dict(meta.params))
+    except ValueError as e:
+      fail(str(e))
+    if meta.kind == 'dense':
+      # The axes a Dense layer does not contract are the output's batch axes.
+      in_axes = meta.cfg('in_axes') or (len(a_shape) - k - 2,)
+      kept = tuple(d for i, d in enumerate(a_shape[k + 1:])
+                   if i not in in_axes)
+      n_out = len(meta.param_shape(meta.param_name('kernel'))) - k - len(
+          in_axes)
+      out_dims = meta.param_shape(meta.param_name('kernel'))[-n_out:]
+      if g_shape[len(g_shape) - n_out:] != out_dims:
+        fail(f'g {g_shape} does not end in the kernel\'s output dims '
+             f'{out_dims}')
+      if kept != g_shape[k + 1:len(g_shape) - n_out]:
+        fail(f'a {a_shape} and g {g_shape} differ in their batch axes')
+  elif meta.kind == 'embed':
+    table = meta.param_shape(meta.param_name('embedding'))
+    if g_shape[-1] != table[-1] or a_shape != g_shape[:-1]:
+      fail(f'ids a {a_shape} and g {g_shape} do not match the table '
+           f'{table}: g must be a\'s shape plus {table[-1]} features')
+  elif meta.kind == 'norm' and a_shape != g_shape:
+    fail(f'a {a_shape} and g {g_shape} must have the same shape')
 
 
 class Coverage(list):
