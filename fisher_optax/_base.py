@@ -157,6 +157,19 @@ def join_path(key: PathKey, name: str) -> PathKey:
   return f'{key}/{name}' if key else name
 
 
+def layers_hint(tree: Any) -> str:
+  """How to build ``layers=`` for the framework that produced ``tree``.
+
+  NNX gradients and parameters are ``nnx.State``; anything else is taken to
+  be a linen parameter dict.
+  """
+  if type(tree).__name__ == 'State' and 'nnx' in type(tree).__module__:
+    return ('layers=nnx.eval_shape(lambda m: step_fn(m, *batch)[2], model) '
+            '(step_fn = fisher_optax.nnx.value_grad_and_stats(loss_fn))')
+  return ('layers=jax.eval_shape(step_fn, params, *batch)[2] (step_fn = '
+          'fisher_optax.linen.value_grad_and_stats(loss_fn))')
+
+
 def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
   """Validates the type of a ``layer_stats`` argument."""
   if layer_stats is None:
