@@ -12,6 +12,10 @@ import optax
 import fisher_optax as fo
 from fisher_optax import _mini_block_fisher
 
+from _tolerance import assert_close
+from _tolerance import assert_trees_close
+from _tolerance import tree_scale
+
 
 class _Net(nn.Module):
   """Conv 3x3 (bias: fallback), 1x1 conv, LayerNorm, two Dense layers."""
@@ -189,8 +193,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
     want = _reference(grads, **_ref_kw(**kw))
     for t, (g, w) in enumerate(zip(got, want)):
       for path in w:
-        np.testing.assert_allclose(g[path], w[path], rtol=2e-4, atol=2e-5,
-                                   err_msg=f'step {t}, {path}')
+        assert_close(g[path], w[path], rtol=2e-4, scale_atol=1e-5,
+                     err_msg=f'step {t}, {path}', scale=tree_scale(w))
     self.assertEqual(int(state.nonfinite), 0)
     self.assertEqual(int(state.num_stats), 4)
 
@@ -203,9 +207,10 @@ class MiniBlockFisherTest(parameterized.TestCase):
     want = _reference(grads, **_ref_kw())
     p = _flat(params)
     for g, w in zip(got, want):
+      whole = {k: -lr * (w[k] + wd * p[k]) for k in w}
       for path in w:
-        np.testing.assert_allclose(g[path], -lr * (w[path] + wd * p[path]),
-                                   rtol=2e-4, atol=2e-6)
+        assert_close(g[path], whole[path], rtol=2e-4, scale_atol=1e-5,
+                     scale=tree_scale(whole), err_msg=path)
 
   def test_conv_block_covers_one_channel_pair(self):
     params = _params()
@@ -220,8 +225,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
     conv = np.asarray(state.stats['Conv_0']['conv'])
     self.assertEqual(conv.shape, (2 * 4, 1, 9, 9))
     vec = np.asarray(patch).reshape(-1)
-    np.testing.assert_allclose(conv[i * 4 + o, 0], np.outer(vec, vec),
-                               rtol=1e-6)
+    assert_close(conv[i * 4 + o, 0], np.outer(vec, vec), rtol=1e-6,
+                 scale_atol=1e-7)
     others = np.delete(conv, i * 4 + o, axis=0)
     np.testing.assert_array_equal(others, 0.0)
     # The 1x1 conv has scalar blocks: a diagonal.
@@ -239,20 +244,20 @@ class MiniBlockFisherTest(parameterized.TestCase):
     got = np.asarray(state.stats['Dense_0'][dense_blocks])
     if dense_blocks == 'average':
       want = g_tilde.T @ g_tilde / g_tilde.shape[0]
-      np.testing.assert_allclose(got[0], want, rtol=1e-5)
+      assert_close(got[0], want, rtol=1e-5)
     elif dense_blocks == 'chunks':
       # PyTorch's [dW | db] (O, I+1) in memory, read as (I+1, O) rows.
       c = np.ascontiguousarray(g_tilde.T).reshape(g_tilde.shape)
       self.assertFalse(np.allclose(c, g_tilde))
-      np.testing.assert_allclose(got[0], c.T @ c / c.shape[0], rtol=1e-5)
+      assert_close(got[0], c.T @ c / c.shape[0], rtol=1e-5)
     else:
       want = np.einsum('ri,rj->rij', g_tilde, g_tilde)
-      np.testing.assert_allclose(got[:, 0], want, rtol=1e-5)
+      assert_close(got[:, 0], want, rtol=1e-5)
     # No bias: the kernel rows alone.
     k = np.asarray(grads['Dense_1']['kernel'])
     got = np.asarray(state.stats['Dense_1'][dense_blocks])
     if dense_blocks == 'average':
-      np.testing.assert_allclose(got[0], k.T @ k / k.shape[0], rtol=1e-5)
+      assert_close(got[0], k.T @ k / k.shape[0], rtol=1e-5)
 
   @parameterized.parameters('average', 'column')
   def test_block_size_extremes(self, dense_blocks):
@@ -263,8 +268,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
     run = lambda **k: _run(fo.scale_by_mini_block_fisher(**kw, **k),
                            params, [grads])[0][0]
     full, wide, diag = run(), run(block_size=5), run(block_size=1)
-    np.testing.assert_allclose(wide['Dense_0/kernel'], full['Dense_0/kernel'],
-                               rtol=1e-6)
+    assert_close(wide['Dense_0/kernel'], full['Dense_0/kernel'], rtol=1e-6)
     d = grads['Dense_0']
     g_tilde = np.concatenate([np.asarray(d['kernel']),
                               np.asarray(d['bias'])[None]], 0)
@@ -272,8 +276,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
     if dense_blocks == 'average':
       f = np.broadcast_to(f.mean(0), f.shape)
     want = g_tilde / (f + _KW['damping'])  # m = g on the first step
-    np.testing.assert_allclose(diag['Dense_0/kernel'], want[:-1], rtol=1e-5)
-    np.testing.assert_allclose(diag['Dense_0/bias'], want[-1], rtol=1e-5)
+    assert_close(diag['Dense_0/kernel'], want[:-1], rtol=1e-5)
+    assert_close(diag['Dense_0/bias'], want[-1], rtol=1e-5)
 
   def test_no_retrace_and_stable_state(self):
     params = _params()
@@ -301,10 +305,10 @@ class MiniBlockFisherTest(parameterized.TestCase):
     _, state = step(g0, tx.init(params))
     g1['Dense_0']['kernel'] = g1['Dense_0']['kernel'].at[0, 0].set(jnp.inf)
     _, after = step(g1, state)
-    chex.assert_trees_all_close(after.stats['Dense_0'],
-                                state.stats['Dense_0'])
-    chex.assert_trees_all_close(after.inverses['Dense_0'],
-                                state.inverses['Dense_0'])
+    assert_trees_close(after.stats['Dense_0'], state.stats['Dense_0'],
+                       rtol=1e-6, scale_atol=1e-7)
+    assert_trees_close(after.inverses['Dense_0'], state.inverses['Dense_0'],
+                       rtol=1e-6, scale_atol=1e-7)
     chex.assert_tree_all_finite(after.inverses)
     self.assertGreaterEqual(int(after.nonfinite), 1)
     # Other layers refreshed as usual.
@@ -327,14 +331,13 @@ class MiniBlockFisherTest(parameterized.TestCase):
     if dense_blocks == 'chunks':
       rows = [np.ascontiguousarray(r.T).reshape(r.shape) for r in rows]
     want = sum(r.T @ r / r.shape[0] for r in rows) / 3
-    np.testing.assert_allclose(inner.stats['Dense_0'][dense_blocks][0], want,
-                               rtol=1e-5)
+    assert_close(inner.stats['Dense_0'][dense_blocks][0], want, rtol=1e-5)
     got, _ = _run(tx, params, grads, state)
     ref = _reference(grads, **_ref_kw(dense_blocks=dense_blocks), warm=warm)
     for g, w in zip(got, ref):
       for path in w:
-        np.testing.assert_allclose(g[path], -0.1 * w[path], rtol=2e-4,
-                                   atol=2e-6)
+        assert_close(g[path], -0.1 * w[path], rtol=2e-4, scale_atol=1e-5,
+                     scale=0.1 * tree_scale(w), err_msg=path)
 
   def test_warm_start_compiles_once_per_model(self):
     # A second warm start of the same model must not recompile: examples
@@ -395,8 +398,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
       want = _reference([sliced], **_ref_kw(dense_blocks=dense_blocks))[0]
       got = _flat(jax.tree.map(lambda a, i=layer: a[i], updates))
       for path in want:
-        np.testing.assert_allclose(got[path], want[path], rtol=1e-4,
-                                   atol=1e-6)
+        assert_close(got[path], want[path], rtol=1e-4, scale_atol=1e-5,
+                     scale=tree_scale(want), err_msg=path)
 
   def test_captured_layer_kinds_are_checked(self):
     class Model(nn.Module):
@@ -423,9 +426,8 @@ class MiniBlockFisherTest(parameterized.TestCase):
     flat = {'kernel': grads['DenseGeneral_0']['kernel'].reshape(5, 6),
             'bias': grads['DenseGeneral_0']['bias'].reshape(6)}
     want = _reference([{'L': flat}], **_ref_kw())[0]
-    np.testing.assert_allclose(
-        updates['DenseGeneral_0']['kernel'].reshape(5, 6),
-        want['L/kernel'], rtol=1e-4, atol=1e-6)
+    assert_close(updates['DenseGeneral_0']['kernel'].reshape(5, 6),
+                 want['L/kernel'], rtol=1e-4, scale_atol=1e-5)
 
   def test_bad_options_are_named(self):
     for kw, name in ((dict(block_size=0), 'block_size'),

@@ -10,6 +10,9 @@ import optax
 
 import fisher_optax as fo
 
+from _tolerance import assert_close
+from _tolerance import assert_trees_close
+
 
 class Mlp(nn.Module):
 
@@ -42,23 +45,19 @@ class SampledFisherTest(parameterized.TestCase):
     step = jax.jit(fo.linen.value_grad_and_stats(loss, fisher=fisher))
     value, grads, stats = step(params, x, y, fisher_key=key)
     want_value, want_grads = jax.value_and_grad(loss)(params, x, y)
-    np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                         atol=1e-7),
-                 grads, want_grads)
+    assert_close(value, want_value, rtol=1e-6, scale_atol=1e-7)
+    assert_trees_close(grads, want_grads, rtol=1e-5)
     logits = model.apply({'params': params}, x)
     if fisher == 'softmax':
       labels = jax.random.categorical(key, logits, axis=-1)
       cot = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, 4)) / 8
     else:
       cot = -jax.random.normal(key, logits.shape) / 8
-    np.testing.assert_allclose(stats['out'].g[0], cot, rtol=1e-5,
-                               atol=1e-7)
+    assert_close(stats['out'].g[0], cot, rtol=1e-5)
     # First layer: back through Dense_1 and tanh by hand.
     pre = x @ params['hidden']['kernel'] + params['hidden']['bias']
     g0 = (cot @ params['out']['kernel'].T) * (1 - jnp.tanh(pre) ** 2)
-    np.testing.assert_allclose(stats['hidden'].g[0], g0, rtol=1e-5,
-                               atol=1e-7)
+    assert_close(stats['hidden'].g[0], g0, rtol=1e-5)
     # Inputs are the same as for the empirical Fisher.
     np.testing.assert_allclose(stats['hidden'].a[0], x)
 
@@ -137,14 +136,13 @@ class NnxSampledFisherTest(absltest.TestCase):
     value, grads, stats = nnx.jit(
         lambda m, x, y, k: step(m, x, y, fisher_key=k))(model, x, y, key)
     want_value, want_grads = nnx.value_and_grad(loss)(ref, x, y)
-    np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-5, atol=1e-7), nnx.to_pure_dict(grads),
-                 nnx.to_pure_dict(want_grads))
+    assert_close(value, want_value, rtol=1e-6, scale_atol=1e-7)
+    assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(want_grads),
+                       rtol=1e-5)
     # BatchNorm running statistics advanced exactly once, as in `ref`.
-    np.testing.assert_allclose(model.norm.mean[...], ref.norm.mean[...],
-                               rtol=1e-6)
+    assert_close(model.norm.mean[...], ref.norm.mean[...], rtol=1e-6,
+                 scale_atol=1e-7)
     logits = ref(x)  # ref is in train mode; same batch statistics
     labels = jax.random.categorical(key, logits, axis=-1)
     cot = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, 4)) / 8
-    np.testing.assert_allclose(stats['out'].g[0], cot, rtol=1e-4, atol=1e-6)
+    assert_close(stats['out'].g[0], cot, rtol=1e-4, scale_atol=1e-5)
