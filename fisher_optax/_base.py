@@ -161,11 +161,13 @@ def layers_hint(tree: Any) -> str:
   """How to build ``layers=`` for the framework that produced ``tree``.
 
   NNX gradients and parameters are ``nnx.State``; anything else is taken to
-  be a linen parameter dict.
+  be a linen parameter dict. The NNX form passes the batch to
+  ``nnx.eval_shape`` rather than closing over it, so a batch that holds NNX
+  objects (an ``nnx.Rngs`` for dropout) works and is not advanced.
   """
   if type(tree).__name__ == 'State' and 'nnx' in type(tree).__module__:
-    return ('layers=nnx.eval_shape(lambda m: step_fn(m, *batch)[2], model) '
-            '(step_fn = fisher_optax.nnx.value_grad_and_stats(loss_fn))')
+    return ('layers=nnx.eval_shape(step_fn, model, *batch)[2] (step_fn = '
+            'fisher_optax.nnx.value_grad_and_stats(loss_fn))')
   return ('layers=jax.eval_shape(step_fn, params, *batch)[2] (step_fn = '
           'fisher_optax.linen.value_grad_and_stats(loss_fn))')
 

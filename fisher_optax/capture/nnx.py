@@ -6,9 +6,16 @@ afterwards): it sows its input with ``Module.sow`` and perturbs its output
 with ``Module.perturb`` inside ``nnx.capture``; the gradient with respect to
 the zero perturbation is ``dL/dy``, computed in the same backward pass as the
 parameter gradients. ``nnx.scan`` and ``nnx.vmap`` stacks are handled by
-``nnx.capture`` itself. Perturbation shapes are found with
-``jax.eval_shape`` on a copy of the model, so model state (BatchNorm
-statistics, RNG counters) is updated once, by the real pass.
+``nnx.capture`` itself.
+
+NNX objects among the loss's other arguments (an ``nnx.Rngs`` for dropout,
+a second model, ``nnx.Variable`` s) are passed *through* the NNX transforms
+as arguments, never closed over: perturbation shapes are found with
+``nnx.eval_shape``, which works on copies and writes nothing back, and the
+one real pass is ``nnx.value_and_grad`` over ``(model, perturbations,
+args, kwargs)``, which updates RNG counters and BatchNorm statistics once,
+exactly as ``nnx.value_and_grad(loss_fn)`` would. Only the modules of
+``model`` are captured; layers of other models run unchanged.
 """
 
 from __future__ import annotations
@@ -73,11 +80,15 @@ _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def _capturing(skipped: dict[int, str]):
+def _capturing():
   """Wraps ``__call__`` of the registered classes while the loss runs.
 
-  A registered subclass calling ``super().__call__`` is captured once, by
-  the outermost wrapper (a per-instance re-entrancy guard).
+  Only modules that ``nnx.capture`` prepared (those of the model, also when
+  ``nnx.scan`` / ``nnx.vmap`` hand out slices of them) are captured: a
+  layer of another model passed to the loss has no capture collections,
+  and sowing there would add variables to the user's object. A registered
+  subclass calling ``super().__call__`` is captured once, by the outermost
+  wrapper (a per-instance re-entrancy guard).
   """
   saved = {}
 
@@ -87,12 +98,12 @@ def _capturing(skipped: dict[int, str]):
     def call(self, x, *args, **kwargs):
       active = _ACTIVE.__dict__.setdefault('ids', set())
       spec = _layers.lookup('nnx', type(self))
-      if id(self) in active or spec is None:
+      if (id(self) in active or spec is None
+          or '__captures__' not in vars(self)):
         return original(self, x, *args, **kwargs)
       try:
         config = spec.describe(self, tuple(jnp.shape(x)))
-      except _layers.Unsupported as e:
-        skipped[id(self)] = str(e)
+      except _layers.Unsupported:
         return original(self, x, *args, **kwargs)
       n = _sown_calls(self, 'fo_a')
       active.add(id(self))
@@ -160,7 +171,10 @@ def value_grad_and_stats(
 
   Args:
     loss_fn: ``loss_fn(model, *args, **kwargs)`` calling the unmodified NNX
-      model; returns a scalar, or ``(scalar, aux)`` if ``has_aux``.
+      model; returns a scalar, or ``(scalar, aux)`` if ``has_aux``. The
+      other arguments may hold NNX objects (an ``nnx.Rngs`` for dropout, a
+      second model), as with ``nnx.value_and_grad``; only ``model`` is
+      differentiated and captured.
     has_aux: whether ``loss_fn`` returns auxiliary data.
     fisher: ``'empirical'``, ``'softmax'`` or ``'gaussian'``; see
       :func:`fisher_optax.linen.value_grad_and_stats`. For the sampled
@@ -171,9 +185,10 @@ def value_grad_and_stats(
     ``step(model, *args, **kwargs) -> (value, grads, layer_stats)``;
     ``grads`` is the ``nnx.State`` of ``nnx.Param`` gradients and
     ``layer_stats`` maps module paths (``'blocks/linear'``) to
-    :class:`~fisher_optax.LayerStats`. Model state updated by the loss
-    (``BatchNorm`` statistics, RNG streams) is written back, as with
-    ``nnx.value_and_grad``. Call it inside ``nnx.jit`` or ``jax.jit``.
+    :class:`~fisher_optax.LayerStats`. State that the loss updates, in the
+    model or in NNX objects among the arguments (``BatchNorm`` statistics,
+    RNG counters), is written back once, as with ``nnx.value_and_grad``.
+    Call it inside ``nnx.jit`` or ``jax.jit``.
 
   Example:
     >>> from flax import nnx
@@ -195,55 +210,96 @@ def value_grad_and_stats(
     if fisher != 'empirical' and fisher_key is None:
       raise ValueError(f"fisher={fisher!r} samples targets: call the step "
                        'function with fisher_key=<a jax.random key>.')
-    graphdef, state = nnx.split(model)
-    skipped: dict[int, str] = {}
-
-    def discover(state):
-      m = nnx.merge(graphdef, state)
-      with _capturing(skipped):
-        _, perts, _ = nnx.capture(loss_fn, nnx.Perturbation,
-                                  nnx.Intermediate)(m, *args, **kwargs)
-      return perts
-
+    # Every NNX object the loss sees travels as an argument of an NNX
+    # transform: closed over, an nnx.Rngs would advance inside the inner
+    # trace (TraceContextError) or twice.
+    # Other arguments stay closed over, so Python values (train=True) stay
+    # static as under nnx.value_and_grad.
+    objects, rebuild = _split_objects(args, kwargs)
+    perturbations = nnx.eval_shape(
+        functools.partial(_discover, loss_fn, rebuild), model, objects)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(discover, state))
+                         perturbations)
 
-    def wrapped(m, perturbations):
-      with _capturing(skipped):
+    def wrapped(m, perturbations, objects):
+      args, kwargs = rebuild(objects)
+      with _capturing():
         out, inter = nnx.capture(loss_fn, nnx.Intermediate,
                                  init=perturbations)(m, *args, **kwargs)
       return (out[0] if has_aux else out), (out, inter)
 
     if fisher == 'empirical':
       (_, (out, inter)), (grads, cotangents) = nnx.value_and_grad(
-          wrapped, argnums=(0, 1), has_aux=True)(model, zeros)
+          wrapped, argnums=(0, 1), has_aux=True)(model, zeros, objects)
     else:
-      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      # The model's parameters, and the rest of the state of the model and
+      # of the other NNX objects (BatchNorm statistics, RNG counters, other
+      # models): a primal of the vjp too, so the loss updates it at its
+      # trace level.
+      graphdef, params, rest = nnx.split((model, objects), _model_param, ...)
 
       def pure(params, perturbations, rest):
-        # rest (BatchNorm statistics, RNG counters) is a primal of the vjp
-        # too, so the loss can update it at this trace level.
-        m = nnx.merge(graphdef, params, rest)
+        m, o = nnx.merge(graphdef, params, rest)
         outputs = []
         with _root_output(m, outputs):
-          loss, (out, inter) = wrapped(m, perturbations)
+          loss, (out, inter) = wrapped(m, perturbations, o)
         if not outputs or not isinstance(outputs[-1], jax.Array):
           raise ValueError('a sampled Fisher needs the model to return one '
                            'array of predictions (logits or means).')
-        new_rest = nnx.split(m, nnx.Param, ...)[2]
+        new_rest = nnx.split((m, o), _model_param, ...)[2]
         return (loss, outputs[-1]), (out, inter, new_rest)
 
       (loss, output), vjp_fn, (out, inter, new_rest) = jax.vjp(
           pure, params, zeros, rest, has_aux=True)
       grads, _, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
       _, cotangents, _ = vjp_fn((jnp.zeros_like(loss),
-                              capture_linen.sampled_cotangent(
-                                  fisher, output, fisher_key)))
-      nnx.update(model, new_rest)
+                                 capture_linen.sampled_cotangent(
+                                     fisher, output, fisher_key)))
+      nnx.update((model, objects), new_rest)
+      grads = _model_grads(grads)
     stats = _assemble(model, inter, cotangents)
     return out, grads, stats
 
   return step
+
+
+def _split_objects(args, kwargs):
+  """The NNX objects among ``(args, kwargs)``, and how to put them back.
+
+  Returns ``(objects, rebuild)``: a list of the NNX graph nodes (modules,
+  ``nnx.Rngs``, variables) found in the pytree of arguments, and
+  ``rebuild(objects) -> (args, kwargs)`` with every other leaf unchanged.
+  """
+  is_object = nnx.graph.is_graph_node
+  leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_object)
+  where = [is_object(leaf) for leaf in leaves]
+  objects = [leaf for leaf, w in zip(leaves, where) if w]
+
+  def rebuild(objects):
+    it = iter(objects)
+    return jax.tree.unflatten(
+        treedef, [next(it) if w else leaf for leaf, w in zip(leaves, where)])
+
+  return objects, rebuild
+
+
+def _discover(loss_fn, rebuild, m, objects):
+  """The loss's perturbations; run under ``nnx.eval_shape`` (on copies)."""
+  args, kwargs = rebuild(objects)
+  with _capturing():
+    _, perturbations, _ = nnx.capture(loss_fn, nnx.Perturbation,
+                                      nnx.Intermediate)(m, *args, **kwargs)
+  return perturbations
+
+
+def _model_param(path, value) -> bool:
+  """Filter: the ``nnx.Param`` s of the model, first in ``(model, objects)``."""
+  return bool(path) and path[0] == 0 and isinstance(value, nnx.Param)
+
+
+def _model_grads(grads):
+  """Gradients split from ``(model, args, kwargs)``, keyed like the model."""
+  return grads[0] if 0 in grads else nnx.State({})
 
 
 def _assemble(model, inter, cotangents):
