@@ -76,6 +76,20 @@ def _expand(v, ndim: int):
   return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def _check_hyperparams(where, *, learning_rate=None, weight_decay=None,
+                       **kw):
+  """Validates the concrete numeric arguments; traced ones pass unchecked."""
+  _base.check_hyperparams(
+      where, positive={'damping': kw['damping']},
+      nonnegative={'eps': kw['eps'], 'fallback_eps': kw['fallback_eps'],
+                   **({} if weight_decay is None
+                      else {'weight_decay': weight_decay})},
+      decays={'b1': kw['b1'], 'fisher_decay': kw['fisher_decay'],
+              'fallback_b2': kw['fallback_b2']},
+      finite={} if learning_rate is None else {
+          'learning_rate': learning_rate})
+
+
 def scale_by_adafisher(
     b1: jax.typing.ArrayLike = 0.9,
     damping: jax.typing.ArrayLike = 1e-3,
@@ -106,13 +120,16 @@ def scale_by_adafisher(
   _base.check_options(
       'scale_by_adafisher', periods={'stats_every': stats_every},
       choices={'mode': (mode, MODES), 'fallback': (fallback, FALLBACKS)})
+  _check_hyperparams('scale_by_adafisher', b1=b1, damping=damping,
+                     fisher_decay=fisher_decay, eps=eps,
+                     fallback_b2=fallback_b2, fallback_eps=fallback_eps)
   reference = mode == 'reference'
   fill = 1.0 if reference else 0.0
-  known_layers: set[str] = set()
 
   def init_fn(params):
     def slot(p, shape_fn):
-      return jnp.full(shape_fn(jnp.shape(p)), fill, jnp.float32)
+      # float32 for float32/bf16 parameters, float64 for float64 ones.
+      return jnp.full(shape_fn(jnp.shape(p)), fill, _base.stats_dtype(p))
 
     mu = jax.tree.map(
         lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.result_type(p)),
@@ -144,9 +161,7 @@ def scale_by_adafisher(
                for n, i in zip(names, idx)]
       new_s = [jnp.broadcast_to(factors[n].s, s[i].shape)
                for n, i in zip(names, idx)]
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                  for x in new_h + new_s]))
-      bad = bad | ~finite
+      tiny = jnp.finfo(s[idx[0]].dtype).tiny
       if reference:
         # Official order: min-max normalise the new factors, then the
         # (non-convex) moving average 0.1*gamma*old + 0.01*gamma*new.
@@ -172,33 +187,40 @@ def scale_by_adafisher(
         if normalise_h:
           lo, hi = _group_min_max(ema_h, k)
           hn = [(x - _expand(lo, x.ndim)) / _expand(
-              hi - lo + eps * jnp.abs(hi) + jnp.finfo(jnp.float32).tiny,
-              x.ndim) for x in ema_h]
+              hi - lo + eps * jnp.abs(hi) + tiny, x.ndim) for x in ema_h]
         else:
           hn = [jnp.ones_like(x) for x in ema_h]
         lo, hi = _group_min_max(ema_s, k)
-        srange = hi - lo + eps * jnp.abs(hi) + jnp.finfo(jnp.float32).tiny
-        new_scale = [x / _expand(srange, x.ndim) for x in hn]
+        spread = hi - lo + eps * jnp.abs(hi)
+        # Zero range (all output gradients zero: a zero-initialised head, a
+        # dead ReLU, an unused branch): minmax(S) is 0 as for any constant
+        # vector, so F = damping. scale = hn / range would be inf, and
+        # inf * (s - shift) = inf * 0 = NaN.
+        new_scale = [jnp.where(_expand(spread >= tiny, x.ndim),
+                               x / _expand(spread + tiny, x.ndim), 0.0)
+                     for x in hn]
         new_shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape)
                      for x in hn]
+      # Guard what the preconditioner uses, not only the raw statistics.
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (
+          ema_h + ema_s + new_scale + new_shift)]))
+      bad = bad | ~finite
       for j, i in enumerate(idx):
-        h[i] = jnp.where(finite, ema_h[j], h[i])
-        s[i] = jnp.where(finite, ema_s[j], s[i])
-        scale[i] = jnp.where(finite, new_scale[j], scale[i])
-        shift[i] = jnp.where(finite, new_shift[j], shift[i])
+        # Casts keep the state dtypes fixed (equal lax.cond branch types).
+        h[i] = jnp.where(finite, ema_h[j], h[i]).astype(h[i].dtype)
+        s[i] = jnp.where(finite, ema_s[j], s[i]).astype(s[i].dtype)
+        scale[i] = jnp.where(finite, new_scale[j], scale[i]).astype(
+            scale[i].dtype)
+        shift[i] = jnp.where(finite, new_shift[j], shift[i]).astype(
+            shift[i].dtype)
     return h, s, scale, shift, bad
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
+    _base.check_same_structure('scale_by_adafisher', 'updates', updates,
+                               'state.mu', state.mu)
     assignments = _pairing.pair(updates, layer_stats, 'scale_by_adafisher')
-    missing = known_layers - set(layer_stats)
-    if missing:
-      raise ValueError(
-          f'scale_by_adafisher: layer_stats has no entry for layer(s) '
-          f'{sorted(missing)} that earlier steps captured; their parameters '
-          'would silently lose their preconditioner.')
-    known_layers.update(layer_stats)
 
     paths, grads, treedef = _base.flatten_leaves(updates)
     index = {p: i for i, p in enumerate(paths)}
@@ -215,10 +237,10 @@ def scale_by_adafisher(
     covered = {p for names in active.values() for p in names.values()}
 
     count_inc = optax.safe_increment(state.count)
-    bias_mu = 1 - b1 ** count_inc.astype(jnp.float32)
 
-    mu = [m if _base.is_masked(g) else
-          (b1 * m + (1 - b1) * g).astype(m.dtype) for g, m in zip(grads, mu)]
+    # Masked (frozen) and integer leaves (step counters) have no moments.
+    mu = [(b1 * m + (1 - b1) * g).astype(m.dtype) if _base.is_float(g)
+          else m for g, m in zip(grads, mu)]
 
     if active:
       do_refresh = state.count % stats_every == 0
@@ -236,6 +258,10 @@ def scale_by_adafisher(
       if _base.is_masked(g):
         out.append(g)
         continue
+      if not _base.is_float(g):
+        out.append(jnp.zeros_like(g))
+        continue
+      bias_mu = 1 - b1 ** count_inc.astype(_base.stats_dtype(m))
       m_hat = m / bias_mu.astype(m.dtype)
       if path in covered:
         fisher = scale[i] * (s[i] - shift[i]) + damping
@@ -309,6 +335,18 @@ embeddings, custom modules) get ``fallback``: ``'adam'`` (default),
 ``'damping'`` (:math:`\tilde F = \lambda`); :func:`fisher_optax.coverage`
 lists who gets what.
 
+A layer whose output gradients are all zero (a zero-initialised head, a
+dead ReLU, an unused branch) has a zero-range :math:`S`; its min-max
+normalisation is taken as 0, so :math:`\tilde F = \lambda` there. A
+refresh that would make any entry of a layer's state non-finite keeps that
+layer's previous state and increments ``state.nonfinite``. Concrete numeric
+arguments are validated when the optimizer is built and errors name the
+argument (``damping`` finite and > 0; ``b1``, ``fisher_decay``,
+``fallback_b2`` in [0, 1); ``eps``, ``fallback_eps``, ``weight_decay``
+>= 0; ``learning_rate`` finite). Values traced under
+:func:`optax.inject_hyperparams` inside ``jit`` are not checked; pass
+``stats_every``, ``mode`` and ``fallback`` in its ``static_args``.
+
 Args:
   learning_rate: global step size :math:`\alpha`, a scalar or a schedule.
   b1: momentum decay :math:`\beta_1`.
@@ -378,6 +416,10 @@ def adafisher(
     axis_name: str | None = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
+  _check_hyperparams('adafisher', learning_rate=learning_rate, b1=b1,
+                     damping=damping, fisher_decay=fisher_decay, eps=eps,
+                     weight_decay=weight_decay, fallback_b2=fallback_b2,
+                     fallback_eps=fallback_eps)
   return _base.with_l2(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
@@ -404,13 +446,17 @@ def adafisherw(
     axis_name: str | None = None,
     mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
+  _check_hyperparams('adafisherw', learning_rate=learning_rate, b1=b1,
+                     damping=damping, fisher_decay=fisher_decay, eps=eps,
+                     weight_decay=weight_decay, fallback_b2=fallback_b2,
+                     fallback_eps=fallback_eps)
   return optax.chain(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
                          fallback_eps=fallback_eps, mu_dtype=mu_dtype,
                          axis_name=axis_name),
-      optax.add_decayed_weights(weight_decay, mask),
+      _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 

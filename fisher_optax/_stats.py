@@ -72,8 +72,12 @@ def _dense(st: _base.LayerStats, reference: bool):
   return _with_bias(meta, h_kernel, s_out, len(in_dims))
 
 
-def _with_bias(meta, h_kernel, s_out, n_in):
-  """Kernel and bias factors; the bias row of the augmented input is 1."""
+def _with_bias(meta, h_kernel, s_out, n_in, bias_h=1.0):
+  """Kernel and bias factors; ``bias_h`` is the bias row's ``H_D`` entry.
+
+  The bias row of the augmented input is 1, so its entry is 1, except in
+  the official code's conv arithmetic, which rescales every entry.
+  """
   k = meta.stack_ndim
   stack = s_out.shape[:k]
   out_dims = s_out.shape[k:]
@@ -81,8 +85,9 @@ def _with_bias(meta, h_kernel, s_out, n_in):
       h_kernel, s_out.reshape(stack + (1,) * n_in + out_dims))}
   bias = meta.param_name('bias')
   if bias is not None:
-    ones = jnp.ones(stack + (1,) * len(out_dims), jnp.float32)
-    out[bias] = DiagFactors(ones, s_out)
+    dtype = jnp.promote_types(h_kernel.dtype, s_out.dtype)
+    out[bias] = DiagFactors(
+        jnp.full(stack + (1,) * len(out_dims), bias_h, dtype), s_out)
   return out
 
 
@@ -117,7 +122,8 @@ def conv_patch_second_moment(x, meta: _base.LayerMeta):
         x * x, w, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
         cfg['rhs_dilation'], dn)
 
-  w = jnp.zeros(cfg['kernel_size'] + (c_in, 1), jnp.float32)
+  # The kernel takes x's dtype: a float64 input keeps a float64 sum.
+  w = jnp.zeros(cfg['kernel_size'] + (c_in, 1), x.dtype)
   out, vjp = jax.vjp(conv, w)
   (total,) = vjp(jnp.ones_like(out))
   groups = cfg['groups']
@@ -140,14 +146,18 @@ def _conv(st: _base.LayerStats, reference: bool):
 
   a = st.a.reshape((-1,) + st.a.shape[k:])
   h = jax.vmap(second_moment)(a) / counts[0]
+  bias_h = 1.0
   if reference:
-    # The official code divides by the patch length D as well; it only
-    # matters through the absolute epsilon of the min-max normalisation.
-    h = h / math.prod(kernel[k:-1])
+    # The official code sums the squared ones-augmented patches over batch,
+    # groups and positions and divides by batch * positions * D (D: one
+    # group's patch length): every entry, the bias one included, is G/D
+    # times ours. It matters through the absolute epsilon of the min-max.
+    bias_h = meta.cfg('groups') / math.prod(kernel[k:-1])
+    h = h * bias_h
   h = h.reshape(stack + kernel[k:-1] + (1,))
   g = _rows(_f32(st.g), k, 1)
   s = jnp.mean(g * g, axis=-2)
-  return _with_bias(meta, h, s, len(kernel) - k - 1)
+  return _with_bias(meta, h, s, len(kernel) - k - 1, bias_h)
 
 
 def _embed(st: _base.LayerStats, reference: bool):
@@ -159,10 +169,10 @@ def _embed(st: _base.LayerStats, reference: bool):
   stack = table[:k]
   ids = st.a.reshape((math.prod(stack), -1)).astype(jnp.int32)
   n = ids.shape[-1]
-  counts = jax.vmap(
-      lambda i: jnp.zeros(table[k], jnp.float32).at[i].add(1.0))(ids)
-  h = (counts / n).reshape(stack + (table[k], 1))
   g = _rows(_f32(st.g), k, 1)
+  counts = jax.vmap(
+      lambda i: jnp.zeros(table[k], g.dtype).at[i].add(1.0))(ids)
+  h = (counts / n).reshape(stack + (table[k], 1))
   s = jnp.mean(g * g, axis=-2).reshape(stack + (1, table[-1]))
   return {name: DiagFactors(h, s)}
 
@@ -192,8 +202,8 @@ def _norm_paper(st: _base.LayerStats):
     stack = per_example.shape[:k]
     diag = jnp.mean(per_example.reshape(stack + (-1,) + meta.param_shape(
         name)[k:]) ** 2, axis=k)
-    out[name] = DiagFactors(
-        jnp.ones(diag.shape[:-1] + (1,), jnp.float32), diag)
+    out[name] = DiagFactors(jnp.ones(diag.shape[:-1] + (1,), diag.dtype),
+                            diag)
   return out
 
 
@@ -228,7 +238,7 @@ def _norm_reference(st: _base.LayerStats):
     n_entries = u.shape[-1]
   u = u.reshape(stack + (-1,))
   h_scale = jnp.sum(u * u, axis=-1) / batch ** 2
-  h_bias = jnp.full(stack, n_entries / batch ** 2, jnp.float32)
+  h_bias = jnp.full(stack, n_entries / batch ** 2, x.dtype)
   g_other = tuple(ax for ax in range(k, g.ndim) if ax not in feat)
   s = jnp.sum(g, axis=g_other) ** 2 / batch
   out = {}

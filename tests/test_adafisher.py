@@ -424,15 +424,6 @@ class ErrorTest(absltest.TestCase):
                                 "'Dense_0/(kernel|bias)' has shape"):
       self._update(self.stats, params, params)
 
-  def test_layer_disappearing_between_steps(self):
-    tx = fo.adafisher(1e-3)
-    state = tx.init(self.params)
-    _, state = tx.update(self.grads, state, self.params,
-                         layer_stats=self.stats)
-    partial = {'Dense_1': self.stats['Dense_1']}
-    with self.assertRaisesRegex(ValueError, r"\['Dense_0'\]"):
-      tx.update(self.grads, state, self.params, layer_stats=partial)
-
   def test_bad_options(self):
     with self.assertRaisesRegex(ValueError, 'mode'):
       fo.adafisher(mode='official')
