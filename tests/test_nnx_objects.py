@@ -324,6 +324,31 @@ class NNXObjectsTest(parameterized.TestCase):
       self.assertEqual(set(stats), {'linear', 'bn', 'out'})
     self.assertNotIn('__captures__', vars(model))
 
+  def test_python_flag_and_string_stay_static(self):
+    """Reference: nnx.value_and_grad; train=False draws no random bits."""
+
+    def loss_fn(m, x, t, rngs, train, reduction):
+      h = nnx.relu(m.bn(m.linear(x)))
+      h = m.drop(h, deterministic=not train, rngs=rngs)
+      err = jnp.sin(m.out(h) - t)
+      return jnp.mean(err) if reduction == 'mean' else jnp.sum(err)
+
+    step = nnx.jit(fo.nnx.value_grad_and_stats(loss_fn),
+                   static_argnames=('train', 'reduction'))
+    plain = nnx.jit(nnx.value_and_grad(loss_fn),
+                    static_argnames=('train', 'reduction'))
+    for train in (False, True):
+      model, rngs, _ = _make(False, False)
+      ref_model, ref_rngs, _ = _make(False, False)
+      loss, grads, _ = step(model, _X, _T, rngs, train=train,
+                            reduction='sum')
+      ref_loss, ref_grads = plain(ref_model, _X, _T, ref_rngs, train=train,
+                                  reduction='sum')
+      assert_close(loss, ref_loss)
+      assert_trees_close(_pure(grads), _pure(ref_grads))
+      self.assertEqual(_counts(rngs), {'dropout': int(train)})
+      self.assertEqual(_counts(ref_rngs), {'dropout': int(train)})
+
   def test_same_rngs_passed_twice(self):
     """Reference: nnx.value_and_grad; one shared stream, advanced twice."""
     model, rngs, _ = _make(False, False)

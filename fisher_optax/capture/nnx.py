@@ -13,9 +13,10 @@ a second model, ``nnx.Variable`` s) are passed *through* the NNX transforms
 as arguments, never closed over: perturbation shapes are found with
 ``nnx.eval_shape``, which works on copies and writes nothing back, and the
 one real pass is ``nnx.value_and_grad`` over ``(model, perturbations,
-args, kwargs)``, which updates RNG counters and BatchNorm statistics once,
-exactly as ``nnx.value_and_grad(loss_fn)`` would. Only the modules of
-``model`` are captured; layers of other models run unchanged.
+objects)``, which updates RNG counters and BatchNorm statistics once,
+exactly as ``nnx.value_and_grad(loss_fn)`` would. Other arguments stay
+closed over (Python flags stay static). Only the modules of ``model`` are
+captured; layers of other models run unchanged.
 """
 
 from __future__ import annotations
@@ -212,9 +213,8 @@ def value_grad_and_stats(
                        'function with fisher_key=<a jax.random key>.')
     # Every NNX object the loss sees travels as an argument of an NNX
     # transform: closed over, an nnx.Rngs would advance inside the inner
-    # trace (TraceContextError) or twice.
-    # Other arguments stay closed over, so Python values (train=True) stay
-    # static as under nnx.value_and_grad.
+    # trace (TraceContextError). Other arguments stay closed over, so Python
+    # values (train=True) stay static, as under nnx.value_and_grad.
     objects, rebuild = _split_objects(args, kwargs)
     perturbations = nnx.eval_shape(
         functools.partial(_discover, loss_fn, rebuild), model, objects)
@@ -298,7 +298,7 @@ def _model_param(path, value) -> bool:
 
 
 def _model_grads(grads):
-  """Gradients split from ``(model, args, kwargs)``, keyed like the model."""
+  """Gradients split from ``(model, objects)``, keyed like the model."""
   return grads[0] if 0 in grads else nnx.State({})
 
 
