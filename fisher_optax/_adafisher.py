@@ -22,7 +22,19 @@ the last parameter axis):
   even when ``S_D`` spans a tiny range.
 
 Everything is allocated from the parameters alone, so ``init(params)`` needs
-no statistics, and uses about the memory of Adam.
+no statistics, and uses about the memory of Adam. Nothing about the model is
+kept outside the state: one optimizer object serves any number of models.
+
+The update reads like the paper's Algorithm 1, one function per stage:
+
+1. every ``stats_every`` steps, :func:`layer_factors`: this step's diagonal
+   factors ``H_D``, ``S_D`` of each captured layer;
+2. :func:`paper_average_then_normalise` (EMA, then min-max: the paper) or
+   :func:`reference_normalise_then_average` (the official code's order);
+3. :func:`keep_finite`: a layer whose new curvature is not finite keeps the
+   old one (stages 1-3 for all layers: :func:`refresh_curvature`);
+4. every step, :func:`update_momentum` and :func:`precondition`:
+   ``m_hat / F``, or the fallback for parameters no layer covers.
 """
 
 from __future__ import annotations
@@ -90,6 +102,243 @@ def _check_hyperparams(where, *, learning_rate=None, weight_decay=None,
           'learning_rate': learning_rate})
 
 
+class Curvature(NamedTuple):
+  """The curvature slots of the state as per-leaf lists (see above).
+
+  ``F = scale * (s - shift) + damping`` for every covered leaf.
+  """
+
+  h: list[Any]
+  s: list[Any]
+  scale: list[Any]
+  shift: list[Any]
+
+
+# Stage 1, every stats_every steps: this step's raw factors H_D and S_D.
+
+
+def layer_factors(st: _base.LayerStats, old: Curvature, names: list[str],
+                  reference: bool, axis_name: str | None):
+  """Raw diagonal factors of one layer's parameters ``names``.
+
+  Args:
+    st: the layer's captured statistics.
+    old: the layer's current curvature slots, in the order of ``names``
+      (they give the shapes to broadcast to).
+    names: the layer's parameter names that are trained (frozen ones are
+      left out).
+    reference: the official code's constructions.
+    axis_name: data-parallel axis to average the factors over, or None.
+
+  Returns:
+    ``(new_h, new_s, normalise_h)``: lists in the order of ``names``, shaped
+    like ``old.h`` and ``old.s``; ``normalise_h`` is False when ``h`` is
+    identically one and must not be min-max normalised.
+  """
+  factors, normalise_h = _stats.adafisher_factors(st, reference)
+  if axis_name is not None:
+    # Data-parallel replicas see different rows: average the factors.
+    factors = jax.tree.map(lambda x: lax.pmean(x, axis_name), factors)
+  new_h = [jnp.broadcast_to(factors[n].h, x.shape)
+           for n, x in zip(names, old.h)]
+  new_s = [jnp.broadcast_to(factors[n].s, x.shape)
+           for n, x in zip(names, old.s)]
+  return new_h, new_s, normalise_h
+
+
+# Stage 2: moving average and min-max normalisation, two orders.
+
+
+def paper_average_then_normalise(old: Curvature, new_h, new_s, k: int,
+                                 fisher_decay, eps,
+                                 normalise_h: bool) -> Curvature:
+  """The paper: convex EMA of the raw factors, then min-max normalise.
+
+  The min-max is over all of a layer's (trained) parameters together, per
+  stack element (the first ``k`` axes), with a relative epsilon. A zero
+  range (all output gradients zero) normalises to 0, as any other constant
+  vector does, so ``F = damping`` there instead of ``inf * 0 = NaN``.
+
+  Args:
+    old: one layer's curvature slots.
+    new_h: this step's ``H_D`` per parameter.
+    new_s: this step's ``S_D`` per parameter.
+    k: number of stack axes.
+    fisher_decay: the EMA decay.
+    eps: relative epsilon of the min-max normalisation.
+    normalise_h: False when ``h`` is identically one.
+
+  Returns:
+    The layer's new curvature: ``scale = mm(H) / range(S)`` and
+    ``shift = min S``, so that ``scale * (s - shift) = mm(H) mm(S)``.
+  """
+  tiny = jnp.finfo(old.s[0].dtype).tiny
+  h = [fisher_decay * o + (1 - fisher_decay) * x
+       for o, x in zip(old.h, new_h)]
+  s = [fisher_decay * o + (1 - fisher_decay) * x
+       for o, x in zip(old.s, new_s)]
+  if normalise_h:
+    lo, hi = _group_min_max(h, k)
+    hn = [(x - _expand(lo, x.ndim)) / _expand(
+        hi - lo + eps * jnp.abs(hi) + tiny, x.ndim) for x in h]
+  else:
+    hn = [jnp.ones_like(x) for x in h]
+  lo, hi = _group_min_max(s, k)
+  spread = hi - lo + eps * jnp.abs(hi)
+  scale = [jnp.where(_expand(spread >= tiny, x.ndim),
+                     x / _expand(spread + tiny, x.ndim), 0.0) for x in hn]
+  shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape) for x in hn]
+  return Curvature(h, s, scale, shift)
+
+
+def reference_normalise_then_average(old: Curvature, new_h, new_s, k: int,
+                                     fisher_decay, eps,
+                                     normalise_h: bool) -> Curvature:
+  """The official code: min-max the new factors, then its moving average.
+
+  Absolute epsilon; the average is ``gamma/10 * old + gamma/100 * new`` (not
+  convex). Arguments as :func:`paper_average_then_normalise`.
+
+  Returns:
+    The layer's new curvature: ``scale = h`` and ``shift = 0``.
+  """
+  def minmax(xs):
+    lo, hi = _group_min_max(xs, k)
+    return [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
+            for x in xs]
+
+  if normalise_h:
+    new_h = minmax(new_h)
+  new_s = minmax(new_s)
+  h = [fisher_decay / 10 * o + fisher_decay / 100 * x
+       for o, x in zip(old.h, new_h)]
+  s = [fisher_decay / 10 * o + fisher_decay / 100 * x
+       for o, x in zip(old.s, new_s)]
+  return Curvature(h, s, h, [jnp.zeros_like(x) for x in h])
+
+
+# Stage 3: keep a layer's previous curvature if anything new is not finite.
+
+
+def keep_finite(new: Curvature, old: Curvature):
+  """``(new or old, finite)``: ``old`` where any entry of ``new`` is NaN/Inf.
+
+  Checks everything the preconditioner reads (``h``, ``s``, ``scale``,
+  ``shift``), not only the raw statistics; the casts keep the state's dtypes
+  (both ``lax.cond`` branches must agree).
+  """
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(new)]))
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype),
+                      new, old)
+  return kept, finite
+
+
+def refresh_curvature(layer_stats, layers: dict[str, dict[str, int]],
+                      curv: Curvature, *, reference: bool, fisher_decay, eps,
+                      axis_name: str | None):
+  """Stages 1-3 for every captured layer.
+
+  Args:
+    layer_stats: the captured statistics.
+    layers: ``{layer: {parameter name: leaf index}}`` of the trained
+      parameters of each captured layer.
+    curv: the curvature slots of all leaves.
+    reference: the official code's order and constructions.
+    fisher_decay: the EMA decay.
+    eps: the min-max epsilon.
+    axis_name: data-parallel axis, or None.
+
+  Returns:
+    ``(curvature, bad)``: ``bad`` is True if some layer kept its previous
+    curvature because the new one was not finite.
+  """
+  h, s, scale, shift = (list(x) for x in curv)
+  combine = (reference_normalise_then_average if reference
+             else paper_average_then_normalise)
+  bad = jnp.zeros([], jnp.bool_)
+  for key in sorted(layers):
+    names = sorted(layers[key])
+    idx = [layers[key][n] for n in names]
+    old = Curvature(*([x[i] for i in idx] for x in (h, s, scale, shift)))
+    st = layer_stats[key]
+    new_h, new_s, normalise_h = layer_factors(st, old, names, reference,
+                                              axis_name)
+    new = combine(old, new_h, new_s, st.meta.stack_ndim, fisher_decay, eps,
+                  normalise_h)
+    new, finite = keep_finite(new, old)
+    bad = bad | ~finite
+    for j, i in enumerate(idx):
+      h[i], s[i], scale[i], shift[i] = (x[j] for x in new)
+  return Curvature(h, s, scale, shift), bad
+
+
+# Stage 4, every step: momentum, then the preconditioned step.
+
+
+def update_momentum(grads, mu, b1):
+  """``b1 * m + (1 - b1) * g``; masked and integer leaves keep ``m``."""
+  return [(b1 * m + (1 - b1) * g).astype(m.dtype) if _base.is_float(g)
+          else m for g, m in zip(grads, mu)]
+
+
+def precondition(grads, mu, curv: Curvature, covered: set[int], count_inc,
+                 *, b1, damping, fallback: str, fallback_b2, fallback_eps):
+  """``m_hat / F`` for every leaf.
+
+  Args:
+    grads: the incoming updates (leaves).
+    mu: the new first moments (leaves).
+    curv: the curvature slots (leaves).
+    covered: indices of the leaves a captured layer preconditions.
+    count_inc: steps taken including this one.
+    b1: momentum decay, for the bias correction.
+    damping: added to the normalised Fisher.
+    fallback: the preconditioner of the other leaves.
+    fallback_b2: second-moment decay of the ``'adam'`` fallback.
+    fallback_eps: epsilon of the ``'adam'`` fallback.
+
+  Returns:
+    ``(updates, s)``: the leaves' updates (masked leaves pass through,
+    integer leaves get zeros) and ``curv.s`` with the ``'adam'`` fallback's
+    new second moments.
+  """
+  s = list(curv.s)
+  out = []
+  for i, (g, m) in enumerate(zip(grads, mu)):
+    if _base.is_masked(g):
+      out.append(g)
+      continue
+    if not _base.is_float(g):
+      out.append(jnp.zeros_like(g))
+      continue
+    bias_mu = 1 - b1 ** count_inc.astype(_base.stats_dtype(m))
+    m_hat = m / bias_mu.astype(m.dtype)
+    if i in covered:
+      u = m_hat / (curv.scale[i] * (s[i] - curv.shift[i]) + damping)
+    elif fallback == 'adam':
+      s[i], denom = _base.adam_denominator(
+          jnp.where(count_inc == 1, 0.0, s[i]), g, count_inc, fallback_b2,
+          fallback_eps)
+      u = m_hat / denom
+    elif fallback == 'momentum':
+      u = m_hat
+    else:
+      u = m_hat / damping
+    out.append(u.astype(g.dtype))
+  return out, s
+
+
+def _captured_layers(assignments, paths) -> dict[str, dict[str, int]]:
+  """``{layer: {parameter name: leaf index}}`` of trained, captured leaves."""
+  index = {p: i for i, p in enumerate(paths)}
+  layers: dict[str, dict[str, int]] = {}
+  for path, a in assignments.items():
+    if a.layer is not None and not a.frozen:
+      layers.setdefault(a.layer, {})[a.name] = index[path]
+  return layers
+
+
 def scale_by_adafisher(
     b1: jax.typing.ArrayLike = 0.9,
     damping: jax.typing.ArrayLike = 1e-3,
@@ -117,176 +366,64 @@ def scale_by_adafisher(
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
   """
+  where = 'scale_by_adafisher'
   _base.check_options(
-      'scale_by_adafisher', periods={'stats_every': stats_every},
+      where, periods={'stats_every': stats_every},
       choices={'mode': (mode, MODES), 'fallback': (fallback, FALLBACKS)})
-  _check_hyperparams('scale_by_adafisher', b1=b1, damping=damping,
+  _check_hyperparams(where, b1=b1, damping=damping,
                      fisher_decay=fisher_decay, eps=eps,
                      fallback_b2=fallback_b2, fallback_eps=fallback_eps)
   reference = mode == 'reference'
   fill = 1.0 if reference else 0.0
 
   def init_fn(params):
-    def slot(p, shape_fn):
+    def slot(shape_fn):
       # float32 for float32/bf16 parameters, float64 for float64 ones.
-      return jnp.full(shape_fn(jnp.shape(p)), fill, _base.stats_dtype(p))
+      return lambda p: jnp.full(shape_fn(jnp.shape(p)), fill,
+                                _base.stats_dtype(p))
 
-    mu = jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.result_type(p)),
-        params)
     return ScaleByAdaFisherState(
         count=jnp.zeros([], jnp.int32),
-        mu=mu,
-        h=jax.tree.map(lambda p: slot(p, _slot_shape), params),
-        s=jax.tree.map(lambda p: slot(p, tuple), params),
-        scale=jax.tree.map(lambda p: slot(p, _slot_shape), params),
-        shift=jax.tree.map(lambda p: slot(p, _slot_shape) * 0, params),
+        mu=jax.tree.map(lambda p: jnp.zeros_like(
+            p, dtype=mu_dtype or jnp.result_type(p)), params),
+        h=jax.tree.map(slot(_slot_shape), params),
+        s=jax.tree.map(slot(tuple), params),
+        scale=jax.tree.map(slot(_slot_shape), params),
+        shift=jax.tree.map(lambda p: slot(_slot_shape)(p) * 0, params),
         nonfinite=jnp.zeros([], jnp.int32),
     )
-
-  def refresh(layer_stats, active, h, s, scale, shift, index):
-    """New (h, s, scale, shift) leaf lists from this step's statistics."""
-    h, s, scale, shift = list(h), list(s), list(scale), list(shift)
-    bad = jnp.zeros([], jnp.bool_)
-    for key in sorted(active):
-      st = layer_stats[key]
-      k = st.meta.stack_ndim
-      factors, normalise_h = _stats.adafisher_factors(st, reference)
-      if axis_name is not None:
-        # Data-parallel replicas see different rows: average the factors.
-        factors = jax.tree.map(lambda x: lax.pmean(x, axis_name), factors)
-      names = [n for n in sorted(factors) if n in active[key]]
-      idx = [index[active[key][n]] for n in names]
-      new_h = [jnp.broadcast_to(factors[n].h, h[i].shape)
-               for n, i in zip(names, idx)]
-      new_s = [jnp.broadcast_to(factors[n].s, s[i].shape)
-               for n, i in zip(names, idx)]
-      tiny = jnp.finfo(s[idx[0]].dtype).tiny
-      if reference:
-        # Official order: min-max normalise the new factors, then the
-        # (non-convex) moving average 0.1*gamma*old + 0.01*gamma*new.
-        if normalise_h:
-          lo, hi = _group_min_max(new_h, k)
-          new_h = [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
-                   for x in new_h]
-        lo, hi = _group_min_max(new_s, k)
-        new_s = [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
-                 for x in new_s]
-        ema_h = [fisher_decay / 10 * h[i] + fisher_decay / 100 * x
-                 for i, x in zip(idx, new_h)]
-        ema_s = [fisher_decay / 10 * s[i] + fisher_decay / 100 * x
-                 for i, x in zip(idx, new_s)]
-        new_scale = ema_h
-        new_shift = [jnp.zeros_like(x) for x in ema_h]
-      else:
-        # Paper: convex EMA of the raw factors, then min-max normalise.
-        ema_h = [fisher_decay * h[i] + (1 - fisher_decay) * x
-                 for i, x in zip(idx, new_h)]
-        ema_s = [fisher_decay * s[i] + (1 - fisher_decay) * x
-                 for i, x in zip(idx, new_s)]
-        if normalise_h:
-          lo, hi = _group_min_max(ema_h, k)
-          hn = [(x - _expand(lo, x.ndim)) / _expand(
-              hi - lo + eps * jnp.abs(hi) + tiny, x.ndim) for x in ema_h]
-        else:
-          hn = [jnp.ones_like(x) for x in ema_h]
-        lo, hi = _group_min_max(ema_s, k)
-        spread = hi - lo + eps * jnp.abs(hi)
-        # Zero range (all output gradients zero: a zero-initialised head, a
-        # dead ReLU, an unused branch): minmax(S) is 0 as for any constant
-        # vector, so F = damping. scale = hn / range would be inf, and
-        # inf * (s - shift) = inf * 0 = NaN.
-        new_scale = [jnp.where(_expand(spread >= tiny, x.ndim),
-                               x / _expand(spread + tiny, x.ndim), 0.0)
-                     for x in hn]
-        new_shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape)
-                     for x in hn]
-      # Guard what the preconditioner uses, not only the raw statistics.
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (
-          ema_h + ema_s + new_scale + new_shift)]))
-      bad = bad | ~finite
-      for j, i in enumerate(idx):
-        # Casts keep the state dtypes fixed (equal lax.cond branch types).
-        h[i] = jnp.where(finite, ema_h[j], h[i]).astype(h[i].dtype)
-        s[i] = jnp.where(finite, ema_s[j], s[i]).astype(s[i].dtype)
-        scale[i] = jnp.where(finite, new_scale[j], scale[i]).astype(
-            scale[i].dtype)
-        shift[i] = jnp.where(finite, new_shift[j], shift[i]).astype(
-            shift[i].dtype)
-    return h, s, scale, shift, bad
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
-    _base.check_same_structure('scale_by_adafisher', 'updates', updates,
-                               'state.mu', state.mu)
-    assignments = _pairing.pair(updates, layer_stats, 'scale_by_adafisher')
-
+    _base.check_same_structure(where, 'updates', updates, 'state.mu',
+                               state.mu)
+    assignments = _pairing.pair(updates, layer_stats, where)
     paths, grads, treedef = _base.flatten_leaves(updates)
-    index = {p: i for i, p in enumerate(paths)}
-    _, mu, _ = _base.flatten_leaves(state.mu)
-    _, h, _ = _base.flatten_leaves(state.h)
-    _, s, _ = _base.flatten_leaves(state.s)
-    _, scale, _ = _base.flatten_leaves(state.scale)
-    _, shift, _ = _base.flatten_leaves(state.shift)
-
-    active: dict[str, dict[str, str]] = {}
-    for path, a in assignments.items():
-      if a.layer is not None and not a.frozen:
-        active.setdefault(a.layer, {})[a.name] = path
-    covered = {p for names in active.values() for p in names.values()}
-
+    leaves = lambda tree: _base.flatten_leaves(tree)[1]
+    layers = _captured_layers(assignments, paths)
+    curv = Curvature(leaves(state.h), leaves(state.s), leaves(state.scale),
+                     leaves(state.shift))
     count_inc = optax.safe_increment(state.count)
-
-    # Masked (frozen) and integer leaves (step counters) have no moments.
-    mu = [(b1 * m + (1 - b1) * g).astype(m.dtype) if _base.is_float(g)
-          else m for g, m in zip(grads, mu)]
-
-    if active:
-      do_refresh = state.count % stats_every == 0
-      h, s, scale, shift, bad = lax.cond(
-          do_refresh,
-          lambda args: refresh(layer_stats, active, *args, index),
-          lambda args: (*args, jnp.zeros([], jnp.bool_)),
-          (h, s, scale, shift))
-      nonfinite = state.nonfinite + bad.astype(jnp.int32)
-    else:
-      nonfinite = state.nonfinite
-
-    out = []
-    for i, (path, g, m) in enumerate(zip(paths, grads, mu)):
-      if _base.is_masked(g):
-        out.append(g)
-        continue
-      if not _base.is_float(g):
-        out.append(jnp.zeros_like(g))
-        continue
-      bias_mu = 1 - b1 ** count_inc.astype(_base.stats_dtype(m))
-      m_hat = m / bias_mu.astype(m.dtype)
-      if path in covered:
-        fisher = scale[i] * (s[i] - shift[i]) + damping
-        u = m_hat / fisher
-      elif fallback == 'adam':
-        s[i], denom = _base.adam_denominator(
-            jnp.where(state.count == 0, 0.0, s[i]), g, count_inc,
-            fallback_b2, fallback_eps)
-        u = m_hat / denom
-      elif fallback == 'momentum':
-        u = m_hat
-      else:
-        u = m_hat / damping
-      out.append(u.astype(g.dtype))
-
-    unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+    mu = update_momentum(grads, leaves(state.mu), b1)
+    nonfinite = state.nonfinite
+    if layers:
+      curv, bad = lax.cond(
+          state.count % stats_every == 0,
+          lambda c: refresh_curvature(
+              layer_stats, layers, c, reference=reference,
+              fisher_decay=fisher_decay, eps=eps, axis_name=axis_name),
+          lambda c: (c, jnp.zeros([], jnp.bool_)), curv)
+      nonfinite = nonfinite + bad.astype(jnp.int32)
+    covered = {i for names in layers.values() for i in names.values()}
+    out, s = precondition(grads, mu, curv, covered, count_inc, b1=b1,
+                          damping=damping, fallback=fallback,
+                          fallback_b2=fallback_b2, fallback_eps=fallback_eps)
+    unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflatten(out), ScaleByAdaFisherState(
-        count=count_inc,
-        mu=unflatten(mu),
-        h=unflatten(h),
-        s=unflatten(s),
-        scale=unflatten(scale),
-        shift=unflatten(shift),
-        nonfinite=nonfinite,
-    )
+        count=count_inc, mu=unflatten(mu), h=unflatten(curv.h),
+        s=unflatten(s), scale=unflatten(curv.scale),
+        shift=unflatten(curv.shift), nonfinite=nonfinite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

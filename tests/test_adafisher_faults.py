@@ -192,14 +192,17 @@ class HyperparameterTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, name):
         make(**kw)
 
-  @parameterized.parameters('paper', 'reference')
-  def test_inject_hyperparams_still_works(self, mode):
+  @parameterized.parameters(itertools.product(
+      (fo.adafisher, fo.adafisherw), ('paper', 'reference')))
+  def test_inject_hyperparams_still_works(self, make, mode):
+    """Traced (injected) values are not checked, and give the same update."""
     params, grads, stats = _mlp_setup()
     tx = optax.inject_hyperparams(
-        fo.adafisherw, static_args=('stats_every', 'mode', 'fallback'))(
-            learning_rate=1e-3, damping=3e-3, stats_every=2, mode=mode,
-            fallback='adam')
-    plain = fo.adafisherw(1e-3, damping=3e-3, stats_every=2, mode=mode)
+        make, static_args=('stats_every', 'mode', 'fallback'))(
+            learning_rate=1e-3, damping=3e-3, weight_decay=1e-2,
+            stats_every=2, mode=mode, fallback='adam')
+    plain = make(1e-3, damping=3e-3, weight_decay=1e-2, stats_every=2,
+                 mode=mode)
     u1, _ = jax.jit(lambda s: tx.update(grads, s, params,
                                         layer_stats=stats))(tx.init(params))
     u2, _ = jax.jit(lambda s: plain.update(
@@ -429,6 +432,57 @@ class FrozenAndForeignTest(parameterized.TestCase):
     tx = fo.adafisher(1e-3)
     with self.assertRaisesRegex(ValueError, r"layer_stats\['Dense_0'\]"):
       tx.update(grads, tx.init(params), params, layer_stats=bad)
+
+
+class StageTest(parameterized.TestCase):
+  """The update's stages on their own, against closed forms."""
+
+  @parameterized.parameters(False, True)
+  def test_paper_stage(self, dead):
+    from fisher_optax import _adafisher  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    hk = rng.random(3)
+    sv = np.zeros(4) if dead else rng.random(4) * 1e-3
+    # A dense (3, 4) kernel and its (4,) bias, from a zero state.
+    old = _adafisher.Curvature(
+        [jnp.zeros((3, 1)), jnp.zeros((1,))], [jnp.zeros((3, 4)),
+                                               jnp.zeros((4,))],
+        [jnp.zeros((3, 1)), jnp.zeros((1,))], [jnp.zeros((3, 1)),
+                                               jnp.zeros((1,))])
+    new_h = [jnp.asarray(hk[:, None], jnp.float32), jnp.ones((1,))]
+    new_s = [jnp.broadcast_to(jnp.asarray(sv, jnp.float32), (3, 4)),
+             jnp.asarray(sv, jnp.float32)]
+    decay, eps, damping = 0.8, 1e-6, 1e-3
+    curv = jax.jit(lambda o, h, s: _adafisher.paper_average_then_normalise(
+        o, h, s, 0, decay, eps, True))(old, new_h, new_s)
+    f = [c * (s_ - t) + damping
+         for c, s_, t in zip(curv.scale, curv.s, curv.shift)]
+    h = (1 - decay) * np.append(hk, 1.0)
+    s_ema = (1 - decay) * sv
+    tiny = np.finfo(np.float32).tiny
+    mm_h = (h - h.min()) / (h.max() - h.min() + eps * h.max() + tiny)
+    spread = s_ema.max() - s_ema.min() + eps * s_ema.max()
+    mm_s = ((s_ema - s_ema.min()) / (spread + tiny) if spread >= tiny
+            else np.zeros(4))
+    want = np.outer(mm_h, mm_s) + damping
+    assert_close(f[0], want[:3], rtol=1e-5)
+    assert_close(f[1], want[3], rtol=1e-5)
+    if dead:
+      np.testing.assert_array_equal(np.concatenate(
+          [np.ravel(f[0]), f[1]]), np.float32(damping))
+
+  def test_keep_finite(self):
+    from fisher_optax import _adafisher  # pylint: disable=g-import-not-at-top
+    old = _adafisher.Curvature([jnp.ones(2)], [jnp.ones(3)], [jnp.ones(2)],
+                               [jnp.zeros(2)])
+    new = old._replace(scale=[jnp.array([2.0, jnp.inf])])
+    kept, finite = _adafisher.keep_finite(new, old)
+    self.assertFalse(bool(finite))
+    np.testing.assert_array_equal(kept.scale[0], old.scale[0])
+    good = old._replace(s=[jnp.full(3, 5.0)])
+    kept, finite = _adafisher.keep_finite(good, old)
+    self.assertTrue(bool(finite))
+    np.testing.assert_array_equal(kept.s[0], good.s[0])
 
 
 def _official_conv_step(x, g, kernel, bias, grads, lr, damping, eps, groups):
