@@ -160,12 +160,14 @@ def join_path(key: PathKey, name: str) -> PathKey:
 def layers_hint(tree: Any) -> str:
   """How to build ``layers=`` for the framework that produced ``tree``.
 
-  NNX gradients and parameters are ``nnx.State``; anything else is taken to
-  be a linen parameter dict. The NNX form passes the batch to
-  ``nnx.eval_shape`` rather than closing over it, so a batch that holds NNX
-  objects (an ``nnx.Rngs`` for dropout) works and is not advanced.
+  NNX gradients and parameters are an ``nnx.State`` (or, under
+  ``nnx.set_graph_updates(False)`` / tree mode, an NNX object shaped like
+  the model); anything else is taken to be a linen parameter dict. The NNX
+  form passes the batch to ``nnx.eval_shape`` rather than closing over it,
+  so a batch that holds NNX objects (an ``nnx.Rngs`` for dropout) works and
+  is not advanced.
   """
-  if type(tree).__name__ == 'State' and 'nnx' in type(tree).__module__:
+  if any(c.__module__.startswith('flax.nnx') for c in type(tree).__mro__):
     return ('layers=nnx.eval_shape(step_fn, model, *batch)[2] (step_fn = '
             'fisher_optax.nnx.value_grad_and_stats(loss_fn))')
   return ('layers=jax.eval_shape(step_fn, params, *batch)[2] (step_fn = '

@@ -460,6 +460,14 @@ class LayersHintTest(absltest.TestCase):
                          _pure(nnx.state(m, nnx.Param)), _pure(initial))
     self.assertGreater(moved['proj']['kernel'], 0.0)
 
+  def test_nnx_hint_for_tree_mode_grads(self):
+    """Tree-mode NNX gradients are module-shaped, not an nnx.State."""
+    with nnx.set_graph_mode(False):
+      model = MultiOut(nnx.Rngs(0))
+      grads = nnx.grad(lambda m: jnp.sum(m.proj.kernel[...]))(model)
+    self.assertNotIsInstance(grads, nnx.State)
+    self.assertIn('nnx.eval_shape', _base.layers_hint(grads))
+
   def test_linen_hint_for_a_dict(self):
     hint = _base.layers_hint({'params': {}})
     self.assertIn('jax.eval_shape', hint)
