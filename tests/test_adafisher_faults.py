@@ -265,7 +265,10 @@ class Float64Test(parameterized.TestCase):
           self.assertEqual(leaf.dtype, jnp.float64, slot)
       d64 = jax.tree.map(lambda a, b: _np(a) - _np(b), p64, p0_64)
     d32 = jax.tree.map(lambda a, b: _np(a) - _np(b), p32, p0_32)
-    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-3, scale_atol=1e-4),
+    # float32 rounding of the normalised factors reaches the step through
+    # 1/F <= 1/damping = 1e3: measured 1.6e-4 of max|step| ('paper'), 3e-6
+    # ('reference'); a float32 state or statistic anywhere fails too.
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-3, scale_atol=1e-3),
                  d32, d64)
 
   @parameterized.parameters('paper', 'reference')
@@ -379,14 +382,15 @@ class FrozenAndForeignTest(parameterized.TestCase):
       ub2, fb = fresh.update(gb, fb, pb, layer_stats=sb)
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-6), ub, ub2)
 
-  @parameterized.named_parameters(
-      ('missing_leaf', 'missing', r"has no 'Dense_1/bias'"),
-      ('extra_leaf', 'extra', r"'Dense_2/kernel'"),
-      ('wrong_shape', 'shape', r"'Dense_0/kernel' has shape"),
-  )
-  def test_grads_not_matching_state(self, kind, pattern):
+  @parameterized.parameters(itertools.product(
+      (('missing', r"has no 'Dense_1/bias'"),
+       ('extra', r"'Dense_2/kernel'"),
+       ('shape', r"'Dense_0/kernel' has shape")),
+      ('scale_by_adafisher', 'adafisher', 'adafisherw')))
+  def test_grads_not_matching_state(self, case, name):
+    kind, pattern = case
     params, grads, stats = _mlp_setup()
-    tx = fo.scale_by_adafisher()
+    tx = getattr(fo, name)()
     state = tx.init(params)
     grads = jax.tree.map(lambda x: x, grads)
     if kind == 'missing':
