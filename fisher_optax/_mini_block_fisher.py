@@ -3,43 +3,34 @@ r"""Mini-Block Fisher (MBF): a block-diagonal Fisher made of small blocks.
 Bahamou, Goldfarb & Ren (AISTATS 2023), as the authors' released code runs
 it (``research/mbf_tkfac.md`` §1). MBF needs only the gradient ``g`` of the
 mini-batch loss; each layer's weights are cut into many small mini-blocks
-``g_b`` and every step, with heavy-ball momentum ``m`` ::
+``g_b`` (layouts: ``_mini_blocks``) and every step, with heavy-ball momentum
+``m``, runs the stages below, one module-level function each::
 
-  m <- mu m + g                                   momentum first
-  F_b <- rho F_b + (1 - rho) g_b g_b^T            every stats_every steps
-  F_b^-1 <- (F_b + lambda I)^-1                   every inverse_every steps
-  d_b = F_b^-1 m_b                                 every step
+  m <- mu m + g                                  momentum_step
+  F_b <- rho F_b + (1 - rho) g_b g_b^T           refresh_statistics
+                                                   (every stats_every steps)
+  C_b <- (F_b + lambda I)^-1                     refresh_inverses
+                                                   (every inverse_every steps)
+  d_b = C_b m_b                                  precondition
+  d = (1 - mu) m / (sqrt(v_hat) + eps)           adam_fallback (parameters
+                                                   in no block)
 
-Mini-blocks (Flax layouts):
+Guards: every value that is stored is checked where it is made. A momentum
+entry, a statistic block, an inverse block or a fallback second-moment entry
+that comes out non-finite keeps its previous value and is counted in
+``state.nonfinite``, so a non-finite gradient in one layer touches nothing
+else and leaves no state non-finite. The update of a non-finite gradient
+entry is that entry as given (see :func:`mini_block_fisher`).
 
-* conv kernel ``(*window, C_in, C_out)``: one block per (input, output)
-  channel pair, the ``k = prod(window)`` weights ``K[..., i, o]``; stacked as
-  ``(C_in * C_out, k, k)`` with pair ``(i, o)`` at index ``i * C_out + o``.
-  A ``1 x 1`` kernel gives scalar blocks, a diagonal.
-* dense kernel ``(I, O)`` with its bias folded in as a last row,
-  ``G~ = [dW; db]`` of shape ``(I + 1, O)``: the rows of ``G~`` are the
-  blocks (one per input unit). ``dense_blocks='average'`` (the paper's
-  "Avg") shares one ``O x O`` matrix ``G~^T G~ / (I + 1)`` between all rows;
-  ``'column'`` keeps one matrix per row. ``'chunks'`` is what the released
-  code computes for "Avg": its blocks are runs of ``O`` consecutive entries
-  of the output-major ``G~^T`` (a raw ``view(I + 1, O)`` of PyTorch's
-  ``[dW | db]``), which mixes units; its presets were tuned with it.
-  ``block_size`` splits the output axis into diagonal blocks of that size
-  (1: a diagonal).
-* everything else (conv biases, norm scales and shifts, embeddings,
-  parameters no layer owns) goes to the fallback: the released code's Adam
-  rule on the momentum, or MBF's own diagonal ``(E[g^2] + lambda)^-1``.
-
-Inverses of every layer run as one batched call per block size
-(``_linalg.bucketed``); a block whose inverse is not finite keeps its
-previous value and is counted in ``state.nonfinite``.
+Statistics, inverses and second moments have the dtype
+``_base.stats_dtype(param)``: float32 for float32 and bfloat16 parameters,
+float64 for float64 ones (``jax_enable_x64``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
@@ -49,47 +40,16 @@ import optax
 
 from fisher_optax import _base
 from fisher_optax import _linalg
+from fisher_optax import _mini_blocks
+from fisher_optax import _pairing
 
-DENSE_BLOCKS = ('average', 'column', 'chunks')
-# Dense forms whose rows share one averaged matrix.
-_SHARED = ('average', 'chunks')
-FALLBACKS = ('adam', 'diagonal')
+DENSE_BLOCKS = _mini_blocks.DENSE_BLOCKS
+# 'adam' squares the averaged momentum as the released code does;
+# 'adam_gradient' squares the gradient (the rule before issue 10).
+FALLBACKS = ('adam', 'adam_gradient', 'diagonal')
 INVERSE_METHODS = ('cholesky', 'inv', 'eigh')
 
-
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-  """Static mini-block layout of one blocked layer (or fallback leaf).
-
-  Attributes:
-    key: layer path (param path for a ``'diagonal'`` fallback leaf).
-    form: one of ``DENSE_BLOCKS`` (dense), ``'conv'`` or ``'diagonal'``.
-    kernel: path of the kernel (or of the fallback leaf).
-    bias: path of a dense bias folded in as the last row, or None.
-    lead: stack axes (``nn.scan``) shared by every block of the layer.
-    rows: number of block vectors: ``I (+1)`` for dense, ``C_in * C_out``
-      for conv.
-    width: length of a block vector: ``O`` for dense, the window for conv.
-    block: block size along ``width``.
-  """
-
-  key: str
-  form: str
-  kernel: str
-  bias: str | None
-  lead: tuple[int, ...]
-  rows: int
-  width: int
-  block: int
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    """Shape of the statistic (and of the cached inverse)."""
-    if self.form == 'diagonal':
-      return self.lead
-    nb = -(-self.width // self.block)
-    per_row = () if self.form in _SHARED else (self.rows,)
-    return self.lead + per_row + (nb, self.block, self.block)
+Layouts = Mapping[str, _mini_blocks.Layer]
 
 
 class ScaleByMiniBlockFisherState(NamedTuple):
@@ -105,8 +65,10 @@ class ScaleByMiniBlockFisherState(NamedTuple):
     nu: ``{param path: v}``, Adam second moments of fallback parameters.
     num_stats: statistics refreshes so far (warm-start batches included);
       the first refresh takes the new statistic as it is.
-    nonfinite: refreshes or blocks that came out non-finite and were kept
-      at their previous value.
+    nonfinite: non-finite events: each gradient leaf with a non-finite
+      entry (its momentum entries kept), and each statistic, inverse or
+      fallback second-moment block (a fallback entry is a block) that came
+      out non-finite and kept its previous value.
   """
 
   count: jax.Array
@@ -118,163 +80,221 @@ class ScaleByMiniBlockFisherState(NamedTuple):
   nonfinite: jax.Array
 
 
+def _zero_count() -> jax.Array:
+  return jnp.zeros([], jnp.int32)
+
+
 # ---------------------------------------------------------------------------
-# Layouts: which parameters are blocked, and how.
+# The stages of one step, in the order of the Algorithm box. Each works on
+# flat ``{path: array}`` dicts of the live (unmasked) leaves and returns the
+# number of non-finite events it absorbed.
 
 
-def _layers(params: Any, layers: Mapping[str, _base.LayerStats] | None,
-            block_size: int | None, dense_blocks: str, fallback: str,
-            where: str) -> dict[str, _Layer]:
-  """Blocked layers of ``params``, from ``layers`` metadata or from names.
+def momentum_step(grads: Mapping[str, jax.Array],
+                  momentum: Mapping[str, jax.Array], mu: Any
+                  ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """``m <- mu m + g`` entry by entry; a non-finite result keeps ``m``.
 
-  Layers in ``layers`` take their kind, stack axes and input axes from its
-  metadata. Elsewhere a 2-D ``kernel`` is a dense layer (its sibling
-  ``bias`` folded in) and a kernel of 3 or more axes a conv kernel
-  ``(*window, C_in, C_out)``; stacked or multi-axis dense kernels need
-  ``layers``.
+  Args:
+    grads: ``{path: g}``.
+    momentum: ``{path: m}`` (the parameters' dtypes).
+    mu: the momentum coefficient.
+
+  Returns:
+    ``(new momentum, number of leaves with a kept entry)``.
   """
-  leaves = _base.flatten_with_paths(params)
-  live = {p: leaf for p, leaf in leaves.items() if not _base.is_masked(leaf)}
-  out: dict[str, _Layer] = {}
-
-  def add(key, kind, kernel, bias, n_stack, n_in):
-    shape = _base.shape_of(live[kernel])
-    lead, body = shape[:n_stack], shape[n_stack:]
-    if kind == 'conv':
-      rows, width = body[-2] * body[-1], math.prod(body[:-2])
-      form, block = 'conv', math.prod(body[:-2])
-    else:
-      rows = math.prod(body[:n_in]) + (bias is not None)
-      width = math.prod(body[n_in:])
-      form = dense_blocks
-      block = width if block_size is None else min(block_size, width)
-    out[key] = _Layer(key, form, kernel, bias, lead, rows, width, block)
-
-  captured = set()
-  if layers is not None:
-    for key, st in _base.check_layer_stats(layers, where).items():
-      meta = st.meta
-      captured.add(key)
-      if meta.kind not in ('dense', 'conv'):
-        continue
-      kernel = _base.join_path(key, meta.param_name('kernel'))
-      if kernel not in leaves:
-        raise ValueError(
-            f'{where}: layers has {meta.module} {key!r} but the parameters '
-            f'have no {kernel!r}; pass the layer_stats of this model.')
-      if kernel not in live:
-        continue
-      want = meta.param_shape(meta.param_name('kernel'))
-      if _base.shape_of(live[kernel]) != want:
-        raise ValueError(
-            f'{where}: parameter {kernel!r} has shape '
-            f'{_base.shape_of(live[kernel])} but layers says {want}.')
-      bias = meta.param_name('bias')
-      bias = _base.join_path(key, bias) if bias else None
-      if meta.kind == 'conv' or (bias is not None and bias not in live):
-        bias = None
-      n_in = len(meta.cfg('in_axes') or (0,))
-      add(key, meta.kind, kernel, bias, meta.stack_ndim, n_in)
-  # Layers not in `layers`: a 2-D kernel is dense, a larger one a conv.
-  for path, leaf in live.items():
-    key, name = _base.split_path(path)
-    ndim = len(_base.shape_of(leaf))
-    if name != 'kernel' or ndim < 2 or key in captured:
-      continue
-    bias = _base.join_path(key, 'bias')
-    if ndim >= 3 or bias not in live or (
-        _base.shape_of(live[bias]) != _base.shape_of(leaf)[-1:]):
-      bias = None
-    add(key, 'conv' if ndim >= 3 else 'dense', path, bias, 0, 1)
-
-  if fallback == 'diagonal':
-    blocked = {p for layer in out.values() for p in (layer.kernel,
-                                                      layer.bias) if p}
-    for path, leaf in live.items():
-      if path not in blocked:
-        out[path] = _Layer(path, 'diagonal', path, None,
-                           _base.shape_of(leaf), 1, 1, 1)
-  return out
+  out, bad = {}, _zero_count()
+  for path, g in grads.items():
+    m = momentum[path]
+    new = (mu * m + g.astype(_base.stats_dtype(g))).astype(m.dtype)
+    ok = jnp.isfinite(new)
+    out[path] = jnp.where(ok, new, m)
+    bad = bad + (~jnp.all(ok)).astype(jnp.int32)
+  return out, bad
 
 
-def _vectors(layer: _Layer, leaves: Mapping[str, jax.Array]) -> jax.Array:
-  """The layer's gradient as block vectors ``(*lead, rows, width)``."""
-  k = leaves[layer.kernel].astype(jnp.float32)
-  if layer.form == 'diagonal':
-    return k
-  n = len(layer.lead)
-  if layer.form == 'conv':
-    v = k.reshape(layer.lead + (layer.width, layer.rows))
-    return jnp.swapaxes(v, -1, -2)
-  v = k.reshape(layer.lead + (-1, layer.width))
-  if layer.bias is not None:
-    b = leaves[layer.bias].astype(jnp.float32)
-    v = jnp.concatenate([v, b.reshape(b.shape[:n] + (1, layer.width))], -2)
-  if layer.form == 'chunks':
-    # PyTorch's [dW | db] is G~^T; the released code views its memory as
-    # (I + 1, O) rows without transposing.
-    v = jnp.swapaxes(v, -1, -2).reshape(v.shape)
-  return v
+def refresh_statistics(layouts: Layouts, grads: Mapping[str, jax.Array],
+                       stats, weight: Any):
+  """``F_b <- (1 - w) F_b + w S_b(g)``; a non-finite block keeps ``F_b``.
+
+  Args:
+    layouts: the blocked layers.
+    grads: ``{path: g}``.
+    stats: ``{layer: {form: F}}``.
+    weight: ``w``: 1 at the first refresh, ``1 - fisher_decay`` after.
+
+  Returns:
+    ``(new stats, number of blocks kept)``.
+  """
+  new, bad = {}, _zero_count()
+  for key, layer in layouts.items():
+    old = stats[key][layer.form]
+    fresh = _mini_blocks.statistic(
+        layer, _mini_blocks.vectors(layer, grads, old.dtype))
+    kept, n_bad = _linalg.keep_finite(
+        ((1 - weight) * old + weight * fresh).astype(old.dtype), old,
+        layer.block_ndim)
+    new[key] = {layer.form: kept}
+    bad = bad + n_bad
+  return new, bad
 
 
-def _from_vectors(layer: _Layer, v: jax.Array,
-                  like: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Inverse of :func:`_vectors`: ``{param path: array}``."""
-  if layer.form == 'diagonal':
-    return {layer.kernel: v}
-  if layer.form == 'conv':
-    v = jnp.swapaxes(v, -1, -2)
-    return {layer.kernel: v.reshape(like[layer.kernel].shape)}
-  if layer.form == 'chunks':
-    v = jnp.swapaxes(v.reshape(v.shape[:-2] + v.shape[:-3:-1]), -1, -2)
-  out = {}
-  if layer.bias is not None:
-    out[layer.bias] = v[..., -1, :].reshape(like[layer.bias].shape)
-    v = v[..., :-1, :]
-  out[layer.kernel] = v.reshape(like[layer.kernel].shape)
-  return out
+def refresh_inverses(layouts: Layouts, stats, inverses, damping: Any,
+                     method: str):
+  """``C_b <- (F_b + damping I)^-1``; a non-finite block keeps ``C_b``.
 
+  Blocks of one size, across all layers, are inverted in one batched call;
+  scalar blocks elementwise.
 
-# ---------------------------------------------------------------------------
-# The three stages: statistics, inverses, preconditioning.
-
-
-def _statistic(layer: _Layer, v: jax.Array) -> jax.Array:
-  """Mini-block second moments of block vectors ``v``."""
-  if layer.form == 'diagonal':
-    return jnp.square(v)
-  if layer.form in _SHARED:
-    # V^T V / rows, in diagonal blocks of the output axis.
-    return _linalg.block_outer(v, layer.block)
-  return _linalg.block_outer(v[..., None, :], layer.block)
-
-
-def _inverses(layers: Mapping[str, _Layer], stats, damping, method: str):
-  """``(F + damping I)^-1`` of every block; scalar blocks elementwise."""
-  out, blocks = {}, {}
-  for key, layer in layers.items():
+  Returns:
+    ``(new inverses, number of blocks kept)``.
+  """
+  fresh, blocks = {}, {}
+  for key, layer in layouts.items():
     f = stats[key][layer.form]
     if layer.block == 1:
-      out[key] = 1.0 / (f + damping)
+      fresh[key] = 1.0 / (f + damping)
     else:
       blocks[key] = f
-  out.update(_linalg.bucketed(
+  fresh.update(_linalg.bucketed(
       lambda s, d: _linalg.damped_inverse(s, d, method), blocks,
-      {k: jnp.asarray(damping, jnp.float32) for k in blocks}))
+      {k: jnp.asarray(damping, f.dtype) for k, f in blocks.items()}))
+  new, bad = {}, _zero_count()
+  for key, layer in layouts.items():
+    old = inverses[key][layer.form]
+    kept, n_bad = _linalg.keep_finite(fresh[key].astype(old.dtype), old,
+                                      layer.block_ndim)
+    new[key] = {layer.form: kept}
+    bad = bad + n_bad
+  return new, bad
+
+
+def precondition(layouts: Layouts, inverses,
+                 momentum: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """``d_b = C_b m_b`` for every block: ``{path: d}`` of blocked leaves."""
+  out = {}
+  for key, layer in layouts.items():
+    inverse = inverses[key][layer.form]
+    v = _mini_blocks.vectors(layer, momentum, inverse.dtype)
+    out.update(_mini_blocks.from_vectors(
+        layer, _mini_blocks.precondition(layer, inverse, v), momentum))
   return out
 
 
-def _precondition(layer: _Layer, inverse: jax.Array, v: jax.Array):
-  """Blockwise ``F^-1 v`` for block vectors ``v``."""
-  if layer.form == 'diagonal':
-    return inverse * v
-  if layer.block == 1:
-    # Scalar blocks: (..., [rows,] nb, 1, 1) is a diagonal over the width.
-    scale = inverse[..., 0, 0]
-    return v * (scale[..., None, :] if layer.form in _SHARED else scale)
-  if layer.form in _SHARED:
-    return _linalg.block_apply(inverse, v, 'right')
-  return _linalg.block_apply(inverse, v[..., None, :], 'right')[..., 0, :]
+def adam_fallback(nu: Mapping[str, jax.Array],
+                  momentum: Mapping[str, jax.Array],
+                  grads: Mapping[str, jax.Array], count: jax.Array, mu: Any,
+                  b2: Any, eps: Any, square: str = 'momentum'):
+  r"""The released code's Adam-like rule for parameters in no block.
+
+  With :math:`b = (1 - \mu) m` (the released code's averaged momentum
+  ``b <- mu b + (1 - mu) g``):
+  :math:`v \leftarrow \beta_2 v + (1 - \beta_2) s^2` with :math:`s = b`
+  (``square='momentum'``, the released rule) or :math:`s = g`
+  (``'gradient'``), and :math:`d = b / (\sqrt{v / (1 - \beta_2^t)} +
+  \epsilon)`, no first-moment bias correction. Where the denominator is 0
+  (a dead parameter with ``eps = 0``) ``d`` is 0, not ``0 / 0``; a
+  non-finite entry of :math:`v` keeps its previous value.
+
+  Args:
+    nu: ``{path: v}`` of the fallback parameters.
+    momentum: ``{path: m}``, already updated this step.
+    grads: ``{path: g}``.
+    count: steps taken including this one.
+    mu: momentum coefficient.
+    b2: second-moment decay.
+    eps: added to the square root.
+    square: ``'momentum'`` or ``'gradient'``.
+
+  Returns:
+    ``(new nu, {path: d}, number of entries kept)``.
+  """
+  new_nu, out, bad = {}, {}, _zero_count()
+  for path, v in nu.items():
+    b = ((1 - mu) * momentum[path].astype(v.dtype)).astype(v.dtype)
+    s = b if square == 'momentum' else grads[path].astype(v.dtype)
+    fresh = (b2 * v + (1 - b2) * jnp.square(s)).astype(v.dtype)
+    new_nu[path], n_bad = _linalg.keep_finite(fresh, v, 0)
+    denom = jnp.sqrt(new_nu[path] / (1 - b2 ** count.astype(v.dtype))) + eps
+    positive = denom > 0
+    out[path] = jnp.where(positive, b / jnp.where(positive, denom, 1), 0)
+    bad = bad + n_bad
+  return new_nu, out, bad
+
+
+def refresh(layouts: Layouts, grads: Mapping[str, jax.Array],
+            state: ScaleByMiniBlockFisherState, *, stats_every: int,
+            inverse_every: int, fisher_decay: Any, damping: Any,
+            method: str):
+  """Runs the statistics and inverse refreshes that are due this step.
+
+  As the released code: while the first inverse period lasts, the inverses
+  are refreshed after every statistics refresh, so early steps see current
+  curvature. Both run under ``lax.cond``.
+
+  Returns:
+    ``(stats, inverses, num_stats, number of blocks kept)``.
+  """
+  if not layouts:
+    return state.stats, state.inverses, state.num_stats, _zero_count()
+  do_stats = state.count % stats_every == 0
+  do_inverse = (state.count % inverse_every == 0) | (
+      do_stats & (state.count < inverse_every))
+  weight = jnp.where(state.num_stats == 0, 1.0, 1.0 - fisher_decay)
+  keep = lambda *args: (args[-1], _zero_count())
+  stats, bad_stats = lax.cond(
+      do_stats, lambda old: refresh_statistics(layouts, grads, old, weight),
+      keep, state.stats)
+  inverses, bad_inv = lax.cond(
+      do_inverse,
+      lambda s, old: refresh_inverses(layouts, s, old, damping, method),
+      keep, stats, state.inverses)
+  num_stats = state.num_stats + do_stats.astype(jnp.int32)
+  return stats, inverses, num_stats, bad_stats + bad_inv
+
+
+def _check_update(where: str, layouts: Layouts, dense_blocks: str,
+                  state: ScaleByMiniBlockFisherState, updates: Any,
+                  layer_stats: Any) -> None:
+  """Checks the blocks and ``layer_stats`` against the state; names paths."""
+  for key, layer in layouts.items():
+    have = state.stats.get(key, {}).get(layer.form)
+    if have is None or have.shape != layer.shape:
+      raise ValueError(
+          f'{where}: layer {key!r} needs {layer.form} statistics of shape '
+          f'{layer.shape} but the state holds '
+          f'{jax.tree.map(jnp.shape, state.stats.get(key))}; init and '
+          'update saw different parameter trees.')
+  if layer_stats is None:
+    return
+  # Paths, shapes and a/g of every captured layer, naming the layer.
+  _pairing.pair(updates, layer_stats, where)
+  leaves = _base.flatten_with_paths(updates)
+  for key, st in layer_stats.items():
+    meta = st.meta
+    if meta.kind not in ('dense', 'conv'):
+      continue
+    if _base.is_masked(leaves[_base.join_path(
+        key, meta.param_name('kernel'))]):
+      continue
+    want = 'conv' if meta.kind == 'conv' else dense_blocks
+    got = layouts.get(key)
+    if got is None or got.form != want or len(got.lead) != meta.stack_ndim:
+      raise ValueError(
+          f'{where}: layer {key!r} is a {meta.kind} layer ({meta.module}, '
+          f'{meta.stack_ndim} stack axes) but init(params) blocked it as'
+          f' {got.form if got else "fallback"}; stacked or multi-axis '
+          'layers cannot be inferred from parameters. Build the optimizer '
+          f'with {_base.layers_hint(updates)}.')
+
+
+def _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
+                       fallback_eps):
+  _base.check_hyperparams(
+      where, positive={'damping': damping},
+      nonnegative={'fallback_eps': fallback_eps},
+      decays={'fisher_decay': fisher_decay, 'momentum': momentum,
+              'fallback_b2': fallback_b2})
 
 
 def scale_by_mini_block_fisher(
@@ -296,11 +316,15 @@ def scale_by_mini_block_fisher(
   r"""Precondition by the Mini-Block Fisher; see :func:`mini_block_fisher`.
 
   Caller contract: ``update(updates, state, params=None, layer_stats=None)``;
-  ``layer_stats`` is optional (MBF needs only gradients); when given, its
-  layer kinds are checked against the blocks ``init`` chose.
+  ``layer_stats`` is optional (MBF needs only gradients); when given, it is
+  checked against the gradients (paths, shapes, ``a``/``g``) and its layer
+  kinds against the blocks ``init`` chose.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: an invalid option or concrete hyperparameter (named).
   """
   where = 'scale_by_mini_block_fisher'
   _base.check_options(
@@ -310,134 +334,70 @@ def scale_by_mini_block_fisher(
       choices={'dense_blocks': (dense_blocks, DENSE_BLOCKS),
                'fallback': (fallback, FALLBACKS),
                'inverse_method': (inverse_method, INVERSE_METHODS)})
+  _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
+                     fallback_eps)
+  square = 'gradient' if fallback == 'adam_gradient' else 'momentum'
 
-  def layers_for(tree):
-    return _layers(tree, layers, block_size, dense_blocks, fallback, where)
+  def layouts_for(tree):
+    return _mini_blocks.layouts(tree, layers, block_size, dense_blocks,
+                                fallback, where)
 
   def init_fn(params):
-    blocked = layers_for(params)
-    covered = {p for layer in blocked.values()
-               for p in (layer.kernel, layer.bias) if p}
-    zeros = lambda layer: {layer.form: jnp.zeros(layer.shape, jnp.float32)}
+    layouts = layouts_for(params)
+    leaves = _base.flatten_with_paths(params)
+    covered = {p for layer in layouts.values() for p in layer.paths}
+    zeros = lambda shape, leaf: jnp.zeros(shape, _base.stats_dtype(leaf))
+    blocks = lambda layer: {layer.form: zeros(layer.shape,
+                                              leaves[layer.kernel])}
     return ScaleByMiniBlockFisherState(
-        count=jnp.zeros([], jnp.int32),
+        count=_zero_count(),
         momentum=jax.tree.map(jnp.zeros_like, params),
-        stats={k: zeros(layer) for k, layer in blocked.items()},
-        inverses={k: zeros(layer) for k, layer in blocked.items()},
-        nu={p: jnp.zeros(_base.shape_of(leaf), jnp.float32)
-            for p, leaf in _base.flatten_with_paths(params).items()
+        stats={k: blocks(layer) for k, layer in layouts.items()},
+        inverses={k: blocks(layer) for k, layer in layouts.items()},
+        nu={p: zeros(_base.shape_of(leaf), leaf) for p, leaf in leaves.items()
             if p not in covered and not _base.is_masked(leaf)},
-        num_stats=jnp.zeros([], jnp.int32),
-        nonfinite=jnp.zeros([], jnp.int32),
+        num_stats=_zero_count(),
+        nonfinite=_zero_count(),
     )
-
-  def check(blocked, state, layer_stats, frozen):
-    for key, layer in blocked.items():
-      have = state.stats.get(key, {}).get(layer.form)
-      if have is None or have.shape != layer.shape:
-        raise ValueError(
-            f'{where}: layer {key!r} needs {layer.form} statistics of shape '
-            f'{layer.shape} but the state holds '
-            f'{jax.tree.map(jnp.shape, state.stats.get(key))}; init and '
-            'update saw different parameter trees.')
-    if layer_stats is None:
-      return
-    for key, st in _base.check_layer_stats(layer_stats, where).items():
-      kind = st.meta.kind
-      want = 'conv' if kind == 'conv' else dense_blocks
-      got = blocked.get(key)
-      if key in frozen:
-        continue
-      if kind in ('dense', 'conv') and (got is None or got.form != want
-                                        or len(got.lead) != st.meta.stack_ndim):
-        raise ValueError(
-            f'{where}: layer {key!r} is a {kind} layer ({st.meta.module}, '
-            f'{st.meta.stack_ndim} stack axes) but init(params) blocked it as'
-            f' {got.form if got else "fallback"}; stacked or multi-axis '
-            'layers cannot be inferred from parameters. Build the optimizer '
-            'with layers=jax.eval_shape(step_fn, params, *batch)[2].')
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
-    blocked = layers_for(updates)
-    paths, grads, treedef = _base.flatten_leaves(updates)
-    _, moms, _ = _base.flatten_leaves(state.momentum)
-    live = [not _base.is_masked(g) for g in grads]
-    frozen = {_base.split_path(p)[0] for p, ok in zip(paths, live) if not ok}
-    check(blocked, state, layer_stats, frozen)
-    g32 = {p: g.astype(jnp.float32) for p, g, ok in zip(paths, grads, live)
-           if ok}
+    _base.check_same_structure(where, 'updates', updates,
+                               'the parameters init saw', state.momentum)
+    layouts = layouts_for(updates)
+    _check_update(where, layouts, dense_blocks, state, updates, layer_stats)
+    paths, leaves, treedef = _base.flatten_leaves(updates)
+    grads = {p: g for p, g in zip(paths, leaves) if not _base.is_masked(g)}
     if axis_name is not None:
-      g32 = lax.pmean(g32, axis_name)
-    moms = [m if not ok else (momentum * m + g32[p]).astype(m.dtype)
-            for p, m, ok in zip(paths, moms, live)]
-    m32 = {p: m.astype(jnp.float32) for p, m, ok in zip(paths, moms, live)
-           if ok}
+      grads = lax.pmean(grads, axis_name)
+    old_m = dict(zip(paths, _base.flatten_leaves(state.momentum)[1]))
+    count = optax.safe_increment(state.count)
 
-    def refresh_stats(old):
-      first = state.num_stats == 0
-      weight = jnp.where(first, 1.0, 1.0 - fisher_decay)
-      new, bad = {}, jnp.zeros([], jnp.int32)
-      for key, layer in blocked.items():
-        fresh = _statistic(layer, _vectors(layer, g32))
-        finite = jnp.all(jnp.isfinite(fresh))
-        o = old[key][layer.form]
-        new[key] = {layer.form: jnp.where(
-            finite, (1 - weight) * o + weight * fresh, o)}
-        bad = bad + (~finite).astype(jnp.int32)
-      return new, bad
+    m, bad_m = momentum_step(grads, old_m, momentum)
+    stats, inverses, num_stats, bad_f = refresh(
+        layouts, grads, state, stats_every=stats_every,
+        inverse_every=inverse_every, fisher_decay=fisher_decay,
+        damping=damping, method=inverse_method)
+    direction = precondition(layouts, inverses, m)
+    nu, d_fallback, bad_nu = adam_fallback(
+        state.nu, m, grads, count, momentum, fallback_b2, fallback_eps,
+        square)
+    direction.update(d_fallback)
 
-    def refresh_inverses(stats, old):
-      fresh = _inverses(blocked, stats, damping, inverse_method)
-      new, bad = {}, jnp.zeros([], jnp.int32)
-      for key, layer in blocked.items():
-        ndim = 0 if layer.form == 'diagonal' else 2
-        kept, n_bad = _linalg.keep_finite(
-            fresh[key].astype(jnp.float32), old[key][layer.form], ndim)
-        new[key] = {layer.form: kept}
-        bad = bad + n_bad
-      return new, bad
-
-    stats, inverses = state.stats, state.inverses
-    num_stats, nonfinite = state.num_stats, state.nonfinite
-    if blocked:
-      do_stats = state.count % stats_every == 0
-      # As the released code: while the first inverse period lasts, invert
-      # after every statistics refresh, so early steps see current curvature.
-      do_inverse = (state.count % inverse_every == 0) | (
-          do_stats & (state.count < inverse_every))
-      stats, bad_stats = lax.cond(
-          do_stats, refresh_stats,
-          lambda old: (old, jnp.zeros([], jnp.int32)), state.stats)
-      inverses, bad_inv = lax.cond(
-          do_inverse, refresh_inverses,
-          lambda s, old: (old, jnp.zeros([], jnp.int32)),
-          stats, state.inverses)
-      num_stats = num_stats + do_stats.astype(jnp.int32)
-      nonfinite = nonfinite + bad_stats + bad_inv
-
-    direction = {}
-    for key, layer in blocked.items():
-      d = _precondition(layer, inverses[key][layer.form],
-                        _vectors(layer, m32))
-      direction.update(_from_vectors(layer, d, m32))
-
-    # Fallback (Adam): the released code's rule, but with the second moment
-    # of the gradient rather than of the averaged momentum.
-    count_inc = optax.safe_increment(state.count)
-    nu = {}
-    for path, v in state.nu.items():
-      nu[path], denom = _base.adam_denominator(
-          v, g32[path], count_inc, fallback_b2, fallback_eps)
-      direction[path] = (1 - momentum) * m32[path] / denom
-
-    out = [g if not ok else direction[p].astype(g.dtype)
-           for p, g, ok in zip(paths, grads, live)]
-    unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+    # A non-finite gradient entry is passed through as given: the fault
+    # stays visible (optax.apply_if_finite skips the step) while the state
+    # above took nothing from it.
+    out = {p: jnp.where(jnp.isfinite(g), direction[p].astype(g.dtype), g)
+           for p, g in grads.items()}
+    unflatten = lambda tree: jax.tree_util.tree_unflatten(
+        treedef, [tree.get(p, leaf) for p, leaf in zip(paths, leaves)])
     return unflatten(out), ScaleByMiniBlockFisherState(
-        count=count_inc, momentum=unflatten(moms), stats=stats,
-        inverses=inverses, nu=nu, num_stats=num_stats, nonfinite=nonfinite)
+        count=count,
+        momentum=jax.tree_util.tree_unflatten(
+            treedef, [m.get(p, old_m[p]) for p in paths]),
+        stats=stats, inverses=inverses, nu=nu, num_stats=num_stats,
+        nonfinite=state.nonfinite + bad_m + bad_f + bad_nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -474,14 +434,15 @@ def mini_block_fisher(
     (:math:`k \times k` matrices, :math:`C_{in} C_{out}` of them);
   * dense kernel ``(I, O)`` with its bias as an extra row,
     :math:`\tilde G = [\nabla W; \nabla b] \in \mathbb{R}^{(I+1) \times O}`:
-    one block per row :math:`\tilde g_r`. With ``dense_blocks='average'``
-    (the paper's "Avg") all rows share one matrix,
-    :math:`S = \tilde G^\top \tilde G / (I+1)`; with ``'column'`` each row
-    keeps its own :math:`\tilde g_r \tilde g_r^\top` (memory
-    :math:`(I+1) O^2`). ``'chunks'`` is the released code's "Avg": the same
-    average over :math:`I+1` vectors of length :math:`O`, but the vectors
-    are runs of :math:`O` consecutive entries of :math:`\tilde G^\top`
-    flattened row by row, so each mixes several units. The released presets
+    one block per row :math:`\tilde g_r` (per input unit, the blocking the
+    paper's text describes). With ``dense_blocks='average'`` all rows share
+    one matrix, :math:`S = \tilde G^\top \tilde G / (I+1)`; with
+    ``'column'`` each row keeps its own :math:`\tilde g_r \tilde g_r^\top`
+    (memory :math:`(I+1) O^2`). What has been verified against the released
+    code is that its "Avg" computes ``'chunks'``: the same average over
+    :math:`I+1` vectors of length :math:`O`, but the vectors are runs of
+    :math:`O` consecutive entries of :math:`\tilde G^\top` flattened row by
+    row, so each mixes several units. The released presets
     were tuned with it; a mean gradient :math:`\tilde G` is close to rank
     one, so the true-row average has almost all eigenvalues below
     :math:`\lambda` and needs a much larger damping (see
@@ -505,11 +466,24 @@ def mini_block_fisher(
   released code), all layers' blocks of one size in one batched call. The
   first refresh takes :math:`S_b(g)` as it is (or see
   :func:`mini_block_fisher_warm_start`). Parameters in no block (conv
-  biases, norm scales and shifts, embeddings) use ``fallback='adam'``,
-  :math:`d = (1-\mu) m / (\sqrt{\hat v} + \epsilon)` with :math:`v` Adam's
-  bias-corrected second moment of :math:`g` (the released code's rule,
-  which squares the averaged momentum instead), or ``'diagonal'``,
-  MBF's own :math:`(F + \lambda)^{-1} m` with scalar blocks.
+  biases, norm scales and shifts, embeddings) use ``fallback='adam'``, the
+  released code's rule: with :math:`b = (1-\mu) m` (its averaged momentum),
+  :math:`v \leftarrow \beta_2 v + (1-\beta_2) b^2` and
+  :math:`d = b / (\sqrt{v / (1-\beta_2^t)} + \epsilon)`; or
+  ``'adam_gradient'``, the same with :math:`g^2` in place of :math:`b^2`
+  (Adam's second moment of the gradient); or ``'diagonal'``, MBF's own
+  :math:`(F + \lambda)^{-1} m` with scalar blocks.
+
+  Non-finite values: a non-finite gradient entry is passed through as the
+  update of that entry (so ``optax.apply_if_finite`` around this optimizer
+  skips the step, and without it the parameter goes non-finite as under
+  ``optax.sgd``), but the state takes nothing from it: its momentum entry,
+  the statistic blocks it touches and fallback second moments keep their
+  previous values, every other layer refreshes as usual, and the event is
+  counted in ``state.nonfinite``. An inverse block that comes out
+  non-finite keeps its previous value too. A layer whose gradient is zero
+  gets a zero update. Statistics follow the parameters' dtype: float32 for
+  float32 and bfloat16, float64 for float64.
 
   :math:`S_b` uses the mini-batch gradient, not per-example gradients, as
   the released code: for a mean loss over :math:`B` examples it is about
@@ -540,17 +514,25 @@ def mini_block_fisher(
     dense_blocks: ``'average'``, ``'column'`` or ``'chunks'``.
     inverse_method: ``'inv'`` (LU; measured fastest here, see
       ``benchmarks/mini_block_fisher.py``), ``'cholesky'`` or ``'eigh'``.
-    fallback: ``'adam'`` or ``'diagonal'``, for parameters in no block.
+    fallback: ``'adam'`` (the released rule), ``'adam_gradient'`` or
+      ``'diagonal'``, for parameters in no block.
     fallback_b2: second-moment decay of the Adam fallback.
     fallback_eps: epsilon of the Adam fallback.
     layers: ``layer_stats`` of one step, for stacked or multi-axis layers.
     axis_name: data-parallel axis to ``pmean`` gradients over under
       ``shard_map``/``pmap`` (a no-op if they are already averaged).
-    mask: weight-decay mask.
+    mask: weight-decay mask (integer leaves are never decayed).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
     (and does not need) ``layer_stats=``.
+
+  Raises:
+    ValueError: an invalid option, or a concrete hyperparameter out of range
+      (``damping`` > 0, ``fisher_decay``, ``momentum`` and ``fallback_b2``
+      in [0, 1), ``weight_decay`` and ``fallback_eps`` >= 0, a finite
+      ``learning_rate``); traced values (``optax.inject_hyperparams``) and
+      schedules are not checked.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
@@ -576,6 +558,11 @@ def mini_block_fisher(
     Bahamou, Goldfarb & Ren, `A Mini-Block Fisher Method for Deep Neural
     Networks <https://arxiv.org/abs/2202.04124>`_, AISTATS 2023.
   """
+  where = 'mini_block_fisher'
+  _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
+                     fallback_eps)
+  _base.check_hyperparams(where, nonnegative={'weight_decay': weight_decay},
+                          finite={'learning_rate': learning_rate})
   return optax.chain(
       scale_by_mini_block_fisher(
           damping, fisher_decay, momentum, stats_every=stats_every,
@@ -583,22 +570,36 @@ def mini_block_fisher(
           dense_blocks=dense_blocks, inverse_method=inverse_method,
           fallback=fallback, fallback_b2=fallback_b2,
           fallback_eps=fallback_eps, layers=layers, axis_name=axis_name),
-      optax.add_decayed_weights(weight_decay, mask),
+      _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _mean_statistics(grads, all_blocked):
+@functools.partial(jax.jit, static_argnums=2)
+def _mean_statistics(grads, old_stats, all_blocked):
   """Mean of every layer's statistic over ``grads``, per MBF state.
 
-  Module-level, with the (hashable) layouts static, so that a second warm
-  start of the same model reuses the compiled function.
+  A block whose mean is not finite keeps its value in ``old_stats``.
+  Module-level, with the (hashable) layouts and dtypes static, so that a
+  second warm start of the same model reuses the compiled function.
+
+  Returns:
+    ``[(stats, number of blocks kept)]``, one per state.
   """
   flat = [_base.flatten_with_paths(g) for g in grads]
-  return [{key: {layer.form: sum(_statistic(layer, _vectors(layer, f))
-                                 for f in flat) / len(flat)}
-           for key, layer in blocked} for blocked in all_blocked]
+  out = []
+  for old, blocked in zip(old_stats, all_blocked):
+    stats, bad = {}, _zero_count()
+    for key, layer, dtype in blocked:
+      mean = sum(_mini_blocks.statistic(
+          layer, _mini_blocks.vectors(layer, f, dtype)) for f in flat)
+      kept, n_bad = _linalg.keep_finite(
+          (mean / len(flat)).astype(dtype), old[key][layer.form],
+          layer.block_ndim)
+      stats[key] = {layer.form: kept}
+      bad = bad + n_bad
+    out.append((stats, bad))
+  return out
 
 
 def mini_block_fisher_warm_start(
@@ -616,7 +617,8 @@ def mini_block_fisher_warm_start(
   :class:`ScaleByMiniBlockFisherState` in ``opt_state`` (alone or inside an
   ``optax.chain``) gets :math:`F_b = \frac1n \sum_j S_b(g_j)` and counts the
   ``n`` batches as statistics refreshes, so training continues the average
-  with decay ``fisher_decay``; the first step inverts it.
+  with decay ``fisher_decay``; the first step inverts it. A block whose mean
+  is not finite keeps its previous value and is counted in ``nonfinite``.
 
   Args:
     opt_state: the state returned by ``tx.init`` (or later).
@@ -644,7 +646,8 @@ def mini_block_fisher_warm_start(
 
   # Kinds and shapes come from the gradients; each layer's form and block
   # size from the structure and shapes of the state's statistics.
-  template = _layers(grads[0], layers, None, 'average', 'diagonal', where)
+  template = _mini_blocks.layouts(grads[0], layers, None, 'average',
+                                  'diagonal', where)
 
   def blocked_for(state):
     found = {}
@@ -661,16 +664,19 @@ def mini_block_fisher_warm_start(
             f'{where}: layer {key!r} has {form} statistics {have.shape} in '
             f'the state but {layer.shape} from the gradients; pass the '
             'layers= the optimizer was built with.')
-      found[key] = layer
+      found[key] = (layer, have.dtype)
     return found
 
-  all_blocked = tuple(tuple(blocked_for(s).items()) for s in states)
-  new_stats = iter(_mean_statistics(grads, all_blocked))
+  all_blocked = tuple(tuple((k, layer, dtype) for k, (layer, dtype)
+                            in blocked_for(s).items()) for s in states)
+  new_stats = iter(_mean_statistics(grads, [s.stats for s in states],
+                                    all_blocked))
 
   def replace(x):
     if not is_state(x):
       return x
-    return x._replace(stats=next(new_stats),
-                      num_stats=x.num_stats + len(grads))
+    stats, bad = next(new_stats)
+    return x._replace(stats=stats, num_stats=x.num_stats + len(grads),
+                      nonfinite=x.nonfinite + bad)
 
   return jax.tree.map(replace, opt_state, is_leaf=is_state)

@@ -143,7 +143,8 @@ def _reference(grads_seq, *, damping, decay, momentum, stats_every,
       for (p, i), x in zip(idx, inverse[sid] @ v):
         d[p][i] = x
     for p in nu if fallback == 'adam' else ():
-      nu[p] = b2 * nu[p] + (1 - b2) * g[p] ** 2
+      # The released rule squares the averaged momentum (1 - mu) m.
+      nu[p] = b2 * nu[p] + (1 - b2) * ((1 - momentum) * m[p]) ** 2
       v_hat = nu[p] / (1 - b2 ** (t + 1))
       d[p] = (1 - momentum) * m[p] / (np.sqrt(v_hat) + eps)
     out.append(d)
