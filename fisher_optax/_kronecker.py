@@ -1,32 +1,45 @@
-"""The Kronecker engine shared by K-FAC and TKFAC.
+"""The Kronecker engine shared by K-FAC, EKFAC, TKFAC and TEKFAC.
 
 Each captured dense or conv layer is preconditioned by the inverse of a
 damped Kronecker product ``C_in (x) C_out`` acting on its bias-augmented
 weight matrix ``W`` (``d_in x d_out``): ``W <- C_in^-1 W C_out^-1``. An
 :class:`Algorithm` says which statistics of the layer's rows to average and
 how to turn them into ``C_in`` and ``C_out``; this module does the rest, the
-same way for every algorithm:
+same way for every algorithm, in named stages that follow the papers'
+Algorithm boxes:
 
-* statistics of each layer's rows (``_stats.kronecker_rows``) are averaged
-  with decay ``fisher_decay`` every ``stats_every`` steps;
-* every ``inverse_every`` steps the damped factors are inverted (or
-  eigendecomposed), with every factor of every layer that has the same block
-  size in one batched call (``_linalg.bucketed``); ``block_size`` splits
-  large factors into diagonal blocks; a block whose inverse is not finite
-  keeps its previous value and is counted in ``state.nonfinite``;
-* ``damping_mode='factored'`` damps each factor (the algorithm chooses the
+* :func:`refresh_statistics` (every ``stats_every`` steps): statistics of
+  each layer's rows (``_stats.kronecker_rows``) averaged with decay
+  ``fisher_decay`` (:func:`average_weight`); :func:`refresh_norm_diagonals`
+  does the same for norm layers' diagonal Fisher;
+* :func:`refresh_inverses` (every ``inverse_every`` steps): the damped
+  factors inverted (or eigendecomposed), every factor of every layer that
+  has the same block size in one batched call (``_linalg.bucketed``);
+  ``block_size`` splits large factors into diagonal blocks;
+  ``damping_mode='factored'`` damps each factor (the algorithm chooses the
   split), ``'eigen'`` damps exactly in the factors' eigenbasis:
-  ``(s_in (x) s_out + damping)^-1``;
-* embeddings use a diagonal input factor (one-hot inputs); norm layers and
-  parameters no layer covers use a diagonal (``damping`` added) and Adam,
-  respectively.
+  ``(s_in (x) s_out + damping)^-1``; EKFAC/TEKFAC re-measure their scaling
+  (:func:`measure_scaling`) in the new basis;
+* :func:`precondition_layers` (every step), with :func:`eigen_damping`
+  for TEKFAC's adaptive damping; then momentum (:func:`first_moment`,
+  heavy ball).
+
+Any statistic, inverse, eigenbasis or scaling that is not finite keeps its
+previous value and is counted in ``state.nonfinite``. Embeddings use a
+diagonal input factor (one-hot inputs); norm layers and parameters no layer
+covers use a diagonal (``damping`` added) and Adam, respectively. Masked
+(frozen) parameters are ignored: a frozen kernel leaves its layer out, a
+frozen bias makes the layer bias-less. Statistics use
+``_base.stats_dtype(kernel)`` (float64 for float64 kernels).
 
 Factor shapes depend on the layer kind and on stack axes (``nn.scan``),
 which ``init(params)`` cannot see. It infers them from the parameters
 (a ``kernel`` is ``(*inputs, outputs)``, an ``embedding`` is a table); for
 stacked, grouped or multi-output layers pass ``layers=`` (the statistics of
 one step, e.g. ``jax.eval_shape(step_fn, params, batch)[2]``). A mismatch is
-an error naming the layer.
+an error naming the layer. Everything that depends on the model lives in
+the state (the layers with curvature state are ``state.stats``' keys), so
+one optimizer object serves several models.
 """
 
 from __future__ import annotations
@@ -75,18 +88,36 @@ class Layout:
   conv: bool = False
 
 
-def layout_from_meta(key: str, meta: _base.LayerMeta) -> Layout | None:
-  """The exact layout of a captured layer (None for norm layers)."""
+def layout_from_meta(key: str, meta: _base.LayerMeta,
+                     frozen: frozenset[str] = frozenset()) -> Layout | None:
+  """The exact layout of a captured layer.
+
+  Args:
+    key: the layer's path.
+    meta: its metadata.
+    frozen: names of its parameters that are masked (``optax.masked``,
+      ``optax.multi_transform``): a frozen kernel or table leaves nothing to
+      precondition, a frozen bias makes the layer bias-less.
+
+  Returns:
+    The layout, or None for norm layers and frozen kernels.
+  """
   k = meta.stack_ndim
   if meta.kind == 'embed':
+    if meta.param_name('embedding') in frozen:
+      return None
     table = meta.param_shape(meta.param_name('embedding'))
     return Layout(key, 'embed', meta.param_name('embedding'), None,
                   table[:k] + (1,), k, 1, table[k], table[-1])
   if meta.kind not in ('dense', 'conv'):
     return None
   name = meta.param_name('kernel')
+  if name in frozen:
+    return None
   kernel = meta.param_shape(name)
   bias = meta.param_name('bias')
+  if bias in frozen:
+    bias = None
   if meta.kind == 'conv':
     groups = meta.cfg('groups')
     n_in = len(kernel) - k - 1
@@ -142,7 +173,7 @@ class Algorithm(NamedTuple):
   """What a Kronecker method averages and how it builds its factors.
 
   Attributes:
-    name: for messages.
+    name: for messages (``'kfac'``, ``'tkfac'``).
     statistics: ``statistics(rows, layout, block_size) -> {name: array}``;
       ``rows`` is a :class:`~fisher_optax._stats.KroneckerRows` (for
       embeddings ``rows.a`` holds integer ids ``(*lead, N)``). Input-side
@@ -151,12 +182,16 @@ class Algorithm(NamedTuple):
     shapes: ``shapes(layout, block_in, block_out) -> {name: shape}``.
     factors: ``factors(stats, layout, damping) -> Factors``: the undamped
       factors and how to damp them.
+    adaptive_conv: with ``eigen_correction``, damp each conv layer by
+      TEKFAC's Eq. 3.5, ``max(tr Theta, damping dim Theta) / dim Theta``
+      from the current scaling ``Theta`` (see :func:`eigen_damping`).
   """
 
   name: str
   statistics: Callable[..., dict[str, jax.Array]]
   shapes: Callable[..., dict[str, tuple[int, ...]]]
-  factors: Callable[..., tuple[jax.Array, jax.Array, str]]
+  factors: Callable[..., Factors]
+  adaptive_conv: bool = False
 
 
 def block_shape(d: int, block_size: int | None) -> tuple[int, int]:
@@ -166,14 +201,21 @@ def block_shape(d: int, block_size: int | None) -> tuple[int, int]:
 
 
 class KroneckerState(NamedTuple):
-  """State of :func:`fisher_optax.scale_by_kfac` / ``scale_by_tkfac``."""
+  """State of :func:`fisher_optax.scale_by_kfac` / ``scale_by_tkfac``.
+
+  Everything that depends on the model lives here (one optimizer object
+  serves any number of models): the layers with curvature state are the
+  keys of ``stats``. Statistics and inverses use
+  ``_base.stats_dtype(kernel)``: float32 for bfloat16 or float32 kernels,
+  float64 for float64 ones.
+  """
 
   count: jax.Array  # shape=(), int32.
   mu: optax.Updates  # momentum, like params.
   nu: optax.Updates  # diagonal second moments (norm layers, fallback).
   stats: dict[str, dict[str, jax.Array]]  # per layer: averaged statistics.
   precond: dict[str, dict[str, jax.Array]]  # inverses or eigenbases.
-  nonfinite: jax.Array  # shape=(), int32: blocks kept for NaN/Inf.
+  nonfinite: jax.Array  # shape=(), int32: values kept for NaN/Inf.
 
 
 def _precond_shapes(layout: Layout, block_in, block_out, damping_mode,
@@ -244,10 +286,23 @@ def _full(vals):
 
 
 def precondition(layout: Layout, precond: Mapping[str, jax.Array], w,
-                 damping_mode: str):
-  """``C_in^-1 w C_out^-1`` with cached inverses or eigenbases."""
+                 damping_mode: str, *, eigen_damping=None):
+  """``C_in^-1 w C_out^-1`` with cached inverses or eigenbases.
+
+  Args:
+    layout: the layer's layout.
+    precond: its cached inverses (``'factored'``) or eigenbases.
+    w: its gradient as ``(*lead, d_in, d_out)`` matrices.
+    damping_mode: ``'factored'`` or ``'eigen'``.
+    eigen_damping: ``'eigen'`` only: a ``lead``-shaped damping that replaces
+      the cached ``precond['damping']`` (TEKFAC's adaptive damping).
+
+  Returns:
+    The preconditioned ``w``.
+  """
   if damping_mode == 'eigen':
-    damping = precond['damping'][..., None, None]
+    damping = (precond['damping'] if eigen_damping is None
+               else eigen_damping)[..., None, None]
     # Rotate, divide and rotate back in the padded space: eigh sorts the
     # eigenvalues of a padded block, so padding can sit in any slot.
     out_vecs = precond['out_vecs']
@@ -276,30 +331,466 @@ def precondition(layout: Layout, precond: Mapping[str, jax.Array], w,
   return _linalg.block_apply(precond['out_inv'], w, 'right')
 
 
-def measure_scaling(layout: Layout, rows, precond):
-  """Diagonal of the rows' Fisher in the factors' eigenbasis.
+def measure_scaling(layout: Layout, rows, precond, per_example: bool = True):
+  """Diagonal of the layer's empirical Fisher in the factors' eigenbasis.
 
-  ``S = T mean_r (U_in^T a_r)^2 (U_out^T g_r)^2^T``: the second moments of
-  the per-row gradients ``a_r g_r^T`` rotated into the eigenbasis, i.e. the
-  best diagonal (in Frobenius norm) of the location-expanded Fisher there
-  (George et al., 2018). Shape ``(*lead, P_in, P_out)`` with padded sizes.
+  George et al. (2018), Algorithm 1: ``S = E_n[(U_in^T G_n U_out)^2]``,
+  the second moment of the per-example gradients ``G_n = sum_t a_t g_t^T``
+  rotated into the eigenbasis (the best diagonal, in Frobenius norm, of the
+  Fisher there). For convolutions ``per_example=False`` gives the
+  location-expanded form instead, ``T mean_r (U_in^T a_r)^2 (U_out^T
+  g_r)^2^T``, which squares each position's term before summing and so
+  drops the cross-position terms. Dense layers and embeddings always use
+  the row form (one row per example unless a layer is shared or applied to
+  tokens). Shape ``(*lead, P_in, P_out)`` with padded sizes.
   """
   out_vecs = precond['out_vecs']
   g = _pad_to(rows.g, -1, out_vecs.shape[-3] * out_vecs.shape[-1])
-  g2 = jnp.square(_linalg.block_apply(out_vecs, g, 'right'))
+  g = _linalg.block_apply(out_vecs, g, 'right')
   n = rows.g.shape[-2]
   if layout.kind == 'embed':
+    g2 = jnp.square(g)
     flat_ids = rows.a.reshape((-1, rows.a.shape[-1]))
     flat_g2 = g2.reshape((-1,) + g2.shape[-2:])
     s = jax.vmap(lambda i, v: jnp.zeros(
         (layout.d_in, v.shape[-1]), v.dtype).at[i].add(v))(flat_ids, flat_g2)
-    s = s.reshape(layout.lead + s.shape[1:])
-  else:
-    in_vecs = precond['in_vecs']
-    a = _pad_to(rows.a, -1, in_vecs.shape[-3] * in_vecs.shape[-1])
-    a2 = jnp.square(_linalg.block_apply(in_vecs, a, 'right'))
-    s = jnp.einsum('...ni,...nj->...ij', a2, g2)
+    return rows.positions * s.reshape(layout.lead + s.shape[1:]) / n
+  in_vecs = precond['in_vecs']
+  a = _pad_to(rows.a, -1, in_vecs.shape[-3] * in_vecs.shape[-1])
+  a = _linalg.block_apply(in_vecs, a, 'right')
+  if per_example and layout.conv and rows.positions > 1:
+    # Rows are ordered (call, example, position): one example's gradient
+    # sums its positions in every call.
+    per = rows.positions // rows.calls
+    batch = n // rows.positions
+    split = lambda x: x.reshape(x.shape[:-2] + (
+        rows.calls, batch, per, x.shape[-1]))
+    grad = jnp.einsum('...cbpi,...cbpj->...bij', split(a), split(g),
+                      precision=lax.Precision.HIGHEST)
+    return jnp.mean(jnp.square(grad), axis=-3)
+  s = jnp.einsum('...ni,...nj->...ij', jnp.square(a), jnp.square(g),
+                 precision=lax.Precision.HIGHEST)
   return rows.positions * s / n
+
+
+# ----------------------------------------------------------------------------
+# The stages of one step, in the order of the papers' Algorithm boxes:
+# statistics (every stats_every steps), inverses (every inverse_every steps),
+# preconditioning, momentum.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Options:
+  """Hyperparameters of :func:`scale_by_kronecker` (numbers may be traced).
+
+  Attributes mirror the arguments of :func:`fisher_optax.kfac`; ``where`` is
+  the factory's name for messages.
+  """
+
+  where: str
+  damping: Any
+  fisher_decay: Any
+  momentum: Any
+  stats_every: int
+  inverse_every: int
+  block_size: int | None
+  damping_mode: str
+  momentum_style: str
+  loss_reduction: str
+  inverse_method: str
+  fallback_b2: Any
+  fallback_eps: Any
+  axis_name: str | None
+  eigen_correction: bool
+  decay_schedule: str
+  conv_scaling: str
+  dense_damping: str
+
+
+def average_weight(opts: Options, count) -> jax.Array:
+  """Weight of the fresh statistics in the average at step ``count``.
+
+  1 on the first refresh, then ``1 - fisher_decay``; with
+  ``decay_schedule='martens'`` the decay is Martens & Grosse's
+  ``min(1 - 1/k, fisher_decay)`` for the ``k``-th refresh, i.e. a plain mean
+  of the first refreshes.
+  """
+  decay = opts.fisher_decay
+  if opts.decay_schedule == 'martens':
+    k = (count // opts.stats_every + 1).astype(jnp.float32)
+    decay = jnp.minimum(1.0 - 1.0 / k, decay)
+  return jnp.where(count == 0, 1.0, 1.0 - decay)
+
+
+def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
+  """The layer's :class:`~fisher_optax._stats.KroneckerRows` in ``dtype``."""
+  if st.meta.kind == 'embed':
+    k = st.meta.stack_ndim
+    ids = st.a.reshape(st.a.shape[:k] + (1, -1)).astype(jnp.int32)
+    batch = st.a.shape[k + 1]
+    scale = float(batch) if opts.loss_reduction == 'mean' else 1.0
+    g = st.g.astype(dtype).reshape(ids.shape + (st.g.shape[-1],)) * scale
+    return _stats.KroneckerRows(ids, g, ids.shape[-1] // batch,
+                                st.a.shape[k])
+  rows = _stats.kronecker_rows(st, opts.loss_reduction,
+                               with_bias=layout.bias is not None)
+  return rows._replace(a=rows.a.astype(dtype), g=rows.g.astype(dtype))
+
+
+def _dtype(layer_state: Mapping[str, jax.Array]):
+  return next(iter(layer_state.values())).dtype
+
+
+def _pmean(opts: Options, tree):
+  if opts.axis_name is None:
+    return tree
+  return jax.tree.map(lambda x: lax.pmean(x, opts.axis_name), tree)
+
+
+def refresh_statistics(algorithm: Algorithm, opts: Options, layouts,
+                       layer_stats, stats, precond, count):
+  """Averages each layer's fresh statistics into ``stats``.
+
+  EKFAC/TEKFAC also average the scaling measured in the current basis.
+  A layer whose fresh statistics are not all finite keeps its previous
+  ones and counts one event.
+
+  Returns:
+    ``(stats, scaling, num_bad)``; ``scaling`` is ``{}`` without
+    ``eigen_correction``.
+  """
+  weight = average_weight(opts, count)
+  new, scaling, bad = {}, {}, jnp.zeros([], jnp.int32)
+  for key, layout in layouts.items():
+    dtype = _dtype(stats[key])
+    rows = layer_rows(opts, layer_stats[key], layout, dtype)
+    fresh = algorithm.statistics(rows, layout, opts.block_size)
+    old = dict(stats[key])
+    if opts.eigen_correction:
+      fresh['scaling'] = measure_scaling(
+          layout, rows, precond[key], opts.conv_scaling == 'per_example')
+      old['scaling'] = precond[key]['scaling']
+    fresh = _pmean(opts, fresh)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                for x in fresh.values()]))
+    bad = bad + (~finite).astype(jnp.int32)
+    avg = {n: jnp.where(finite, (1 - weight) * o + weight * fresh[n],
+                        o).astype(o.dtype) for n, o in old.items()}
+    if opts.eigen_correction:
+      scaling[key] = avg.pop('scaling')
+    new[key] = avg
+  return new, scaling, bad
+
+
+def refresh_inverses(algorithm: Algorithm, opts: Options, layouts,
+                     layer_stats, stats, precond):
+  """Damped inverses (or eigenbases) of every layer's factors.
+
+  All blocks of one size, across layers, are factorised in one batched
+  call. A block whose result is not finite keeps its previous value and is
+  counted. EKFAC/TEKFAC measure the scaling afresh in the new basis.
+
+  Returns:
+    ``(precond, num_bad)``.
+  """
+  blocks, extra, diag, exact = {}, {}, {}, {}
+  for key, layout in layouts.items():
+    c_in, c_out, d_in, d_out, exact[key] = algorithm.factors(
+        stats[key], layout, opts.damping)
+    if layout.kind == 'embed':
+      diag[key] = (c_in, d_in)
+    else:
+      blocks[(key, 'in')] = c_in
+      extra[(key, 'in')] = d_in[..., None]
+    blocks[(key, 'out')] = c_out
+    extra[(key, 'out')] = d_out[..., None]
+  eigen = opts.damping_mode == 'eigen'
+  if eigen:
+    results = _linalg.bucketed(_linalg.safe_eigh, blocks)
+  else:
+    results = _linalg.bucketed(
+        lambda s, d: _linalg.damped_inverse(s, d, opts.inverse_method),
+        blocks, extra)
+  new, bad = {}, jnp.zeros([], jnp.int32)
+  for key, layout in layouts.items():
+    fresh = {}
+    for side in ('in', 'out'):
+      if layout.kind == 'embed' and side == 'in':
+        c_in, d_in = diag[key]
+        fresh['in_vals'] = c_in if eigen else 1.0 / (c_in + d_in[..., None])
+      elif eigen:
+        fresh[f'{side}_vals'], fresh[f'{side}_vecs'] = results[(key, side)]
+      else:
+        fresh[f'{side}_inv'] = results[(key, side)]
+    if eigen:
+      fresh['damping'] = jnp.broadcast_to(exact[key], layout.lead)
+    new[key] = {}
+    for name, value in fresh.items():
+      old = precond[key][name]
+      new[key][name], n_bad = _linalg.keep_finite(
+          value.astype(old.dtype), old, _BLOCK_NDIM.get(name, 2))
+      bad = bad + n_bad
+    if opts.eigen_correction:
+      # A new basis invalidates the averaged scaling: measure it afresh.
+      old = precond[key]['scaling']
+      rows = layer_rows(opts, layer_stats[key], layout, old.dtype)
+      scaling = _pmean(opts, measure_scaling(
+          layout, rows, new[key], opts.conv_scaling == 'per_example'))
+      new[key]['scaling'], n_bad = _linalg.keep_finite(
+          scaling.astype(old.dtype), old, 2)
+      bad = bad + n_bad
+  return new, bad
+
+
+def refresh_norm_diagonals(opts: Options, norm_layers, nu, count):
+  """Diagonal empirical Fisher of norm layers' scale and bias.
+
+  ``nu`` maps each trainable norm parameter's path to its average. A
+  parameter whose fresh diagonal is not finite keeps its average and
+  counts one event.
+
+  Returns:
+    ``(nu, num_bad)``.
+  """
+  weight = average_weight(opts, count)
+  new, bad = dict(nu), jnp.zeros([], jnp.int32)
+  for key, st in norm_layers.items():
+    batch = st.g.shape[st.meta.stack_ndim + 1]
+    scale = float(batch) ** 2 if opts.loss_reduction == 'mean' else 1.0
+    for name, f in _stats.adafisher_factors(st, False)[0].items():
+      path = _base.join_path(key, name)
+      if path not in nu:
+        continue
+      old = nu[path]
+      fresh = _pmean(opts, jnp.broadcast_to(f.s * scale, old.shape))
+      avg = ((1 - weight) * old + weight * fresh).astype(old.dtype)
+      new[path], n_bad = _linalg.keep_finite(avg, old, old.ndim)
+      bad = bad + n_bad
+  return new, bad
+
+
+def eigen_damping(algorithm: Algorithm, opts: Options, layouts, precond):
+  """Per-layer damping of EKFAC/TEKFAC, or None to use the cached one.
+
+  With ``algorithm.adaptive_conv`` (``fo.tekfac(conv_damping='adaptive')``)
+  each conv layer uses TEKFAC's Eq. 3.5 on the current scaling Theta,
+  ``max(tr Theta, vartheta) / dim Theta`` with ``vartheta = damping *
+  dim Theta`` (so never below ``damping``), and, with
+  ``dense_damping='beta'``, the other layers use ``beta``, the largest of
+  those conv values, "to keep pace with the convolution layers".
+  """
+  if not (opts.eigen_correction and algorithm.adaptive_conv):
+    return {}
+  out = {}
+  for key, layout in layouts.items():
+    if layout.conv:
+      theta = precond[key]['scaling']
+      dim = layout.d_in * layout.d_out
+      out[key] = jnp.maximum(jnp.sum(theta, (-2, -1)) / dim, opts.damping)
+  if out and opts.dense_damping == 'beta':
+    beta = jnp.max(jnp.stack([jnp.max(v) for v in out.values()]))
+    for key, layout in layouts.items():
+      if not layout.conv:
+        out[key] = jnp.broadcast_to(beta, layout.lead)
+  return out
+
+
+def precondition_layers(opts: Options, layouts, precond, damping, source,
+                        index):
+  """Preconditioned kernel (and bias) leaves of every Kronecker layer.
+
+  Args:
+    opts: options.
+    layouts: the active layers.
+    precond: their cached inverses or eigenbases.
+    damping: ``{layer: damping}`` overriding the cached eigen damping.
+    source: flat list of (momentum) gradient leaves.
+    index: ``{path: position in source}``.
+
+  Returns:
+    ``{leaf position: preconditioned leaf}``.
+  """
+  out = {}
+  for key, layout in layouts.items():
+    ik = index[_base.join_path(key, layout.kernel)]
+    ib = index[_base.join_path(key, layout.bias)] if layout.bias else None
+    kernel = source[ik]
+    if layout.kind == 'embed':
+      w = kernel.reshape(layout.lead + (layout.d_in, layout.d_out))
+    else:
+      w = _to_matrix(layout, kernel, None if ib is None else source[ib])
+    w = precondition(layout, precond[key], w, opts.damping_mode,
+                     eigen_damping=damping.get(key))
+    if layout.kind == 'embed':
+      out[ik] = w.reshape(kernel.shape)
+    else:
+      out[ik], bias = _from_matrix(layout, w, kernel.shape,
+                                   None if ib is None else source[ib].shape)
+      if ib is not None:
+        out[ib] = bias
+  return out
+
+
+def _check_layouts(algorithm: Algorithm, opts: Options, updates, layer_stats,
+                   state, assignments):
+  """The captured layers with curvature state, and the norm layers.
+
+  Masked (frozen) parameters are left out: a frozen kernel leaves the layer
+  out, a frozen bias makes it bias-less. Every layer with curvature state
+  must be captured, and every captured one must have state of its shape.
+  """
+  hint = _base.layers_hint(updates)
+  layouts, norms = {}, {}
+  for key, st in layer_stats.items():
+    frozen = frozenset(name for _, name in st.meta.params if assignments[
+        _base.join_path(key, name)].frozen)
+    if st.meta.kind == 'norm':
+      if len(frozen) < len(st.meta.params):
+        norms[key] = st
+      continue
+    layout = layout_from_meta(key, st.meta, frozen)
+    if layout is None:
+      continue
+    if key not in state.stats:
+      raise ValueError(
+          f'{opts.where}: layer {key!r} ({st.meta.module}) has no curvature '
+          'state; init(params) could not infer it from the parameters. '
+          f'Build the optimizer with {hint}.')
+    want = algorithm.shapes(layout, opts.block_size, opts.block_size)
+    have = {n: tuple(v.shape) for n, v in state.stats[key].items()}
+    if want != have:
+      raise ValueError(
+          f'{opts.where}: layer {key!r} ({st.meta.module}) needs factors '
+          f'{want} but the state was initialised with {have} (stacked, '
+          'grouped or multi-output layers cannot be inferred from params). '
+          f'Build the optimizer with {hint}.')
+    layouts[key] = layout
+  missing = sorted(set(state.stats) - set(layouts))
+  if missing:
+    raise ValueError(
+        f'{opts.where}: layer_stats has no entry for layer(s) {missing}, '
+        'which have curvature state (init found their kernels); their '
+        'parameters would silently lose their preconditioner. Pass the '
+        'layer_stats of the same loss, freeze those parameters '
+        f'(optax.masked), or build the optimizer with {hint} listing only '
+        'the captured layers.')
+  return layouts, norms
+
+
+def init_layouts(template, params) -> dict[str, Layout]:
+  """Layouts of ``params``: from ``layers=`` if given, else inferred.
+
+  A ``layers=`` entry counts only if ``params`` has its kernel with the
+  captured shape; masked parameters are left out as in ``update``.
+  """
+  if template is None:
+    return infer_layouts(params)
+  leaves = _base.flatten_with_paths(params)
+  out = {}
+  for key, meta in template.items():
+    paths = {name: _base.join_path(key, name) for _, name in meta.params}
+    if not all(p in leaves for p in paths.values()):
+      continue
+    frozen = frozenset(n for n, p in paths.items()
+                       if _base.is_masked(leaves[p]))
+    layout = layout_from_meta(key, meta, frozen)
+    if layout is not None and _base.shape_of(leaves[paths[
+        layout.kernel]]) == meta.param_shape(layout.kernel):
+      out[key] = layout
+  return out
+
+
+def init_state(algorithm: Algorithm, opts: Options, layouts, params
+               ) -> KroneckerState:
+  """Zero statistics and inverses in ``_base.stats_dtype`` of each kernel."""
+  leaves = _base.flatten_with_paths(params)
+  stats, precond = {}, {}
+  for key, layout in layouts.items():
+    dtype = _base.stats_dtype(leaves[_base.join_path(key, layout.kernel)])
+    stats[key] = {n: jnp.zeros(s, dtype) for n, s in algorithm.shapes(
+        layout, opts.block_size, opts.block_size).items()}
+    precond[key] = {n: jnp.zeros(s, dtype) for n, s in _precond_shapes(
+        layout, opts.block_size, opts.block_size, opts.damping_mode,
+        opts.eigen_correction).items()}
+  zeros = lambda p: jnp.zeros(jnp.shape(p), _base.stats_dtype(p))
+  return KroneckerState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(jnp.zeros_like, params),
+      nu=jax.tree.map(zeros, params),
+      stats=stats, precond=precond, nonfinite=jnp.zeros([], jnp.int32))
+
+
+def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
+                      layer_stats, state, nu_paths):
+  """Statistics, then inverses, each under ``lax.cond`` on its period.
+
+  Args:
+    algorithm: the method.
+    opts: options.
+    layouts: active Kronecker layers.
+    norms: norm layers.
+    layer_stats: this step's captured statistics.
+    state: the state before this step.
+    nu_paths: ``{path: nu leaf}`` of trainable norm parameters.
+
+  Returns:
+    ``(stats, precond, nu_paths, nonfinite)``.
+  """
+  count = state.count
+  stats, precond = dict(state.stats), dict(state.precond)
+  bad = jnp.zeros([], jnp.int32)
+  if layouts:
+    active = {k: state.stats[k] for k in layouts}
+    old_pre = {k: state.precond[k] for k in layouts}
+    unchanged = lambda args: (
+        args[0], {k: v['scaling'] for k, v in args[1].items()}
+        if opts.eigen_correction else {}, jnp.zeros([], jnp.int32))
+    new_stats, scaling, bad_stats = lax.cond(
+        count % opts.stats_every == 0,
+        lambda args: refresh_statistics(algorithm, opts, layouts,
+                                        layer_stats, *args, count),
+        unchanged, (active, old_pre))
+    if opts.eigen_correction:
+      old_pre = {k: {**v, 'scaling': scaling[k]} for k, v in old_pre.items()}
+    new_pre, bad_inv = lax.cond(
+        count % opts.inverse_every == 0,
+        lambda args: refresh_inverses(algorithm, opts, layouts, layer_stats,
+                                      *args),
+        lambda args: (args[1], jnp.zeros([], jnp.int32)),
+        (new_stats, old_pre))
+    stats.update(new_stats)
+    precond.update(new_pre)
+    bad = bad + bad_stats + bad_inv
+  if nu_paths:
+    nu_paths, bad_norm = lax.cond(
+        count % opts.stats_every == 0,
+        lambda nu: refresh_norm_diagonals(opts, norms, nu, count),
+        lambda nu: (nu, jnp.zeros([], jnp.int32)), nu_paths)
+    bad = bad + bad_norm
+  return stats, precond, nu_paths, state.nonfinite + bad
+
+
+def first_moment(opts: Options, grads, mu, count_inc):
+  """``(source, mu)``: what is preconditioned, and Adam-style momentum.
+
+  ``momentum_style='adam'`` averages the gradient first and preconditions
+  the bias-corrected average; ``'heavy_ball'`` preconditions the gradient.
+  """
+  grads = [g if _base.is_masked(g) else g.astype(_base.stats_dtype(g))
+           for g in grads]
+  if opts.momentum_style != 'adam':
+    return grads, mu
+  mu = [m if _base.is_masked(g) else
+        (opts.momentum * m + (1 - opts.momentum) * g).astype(m.dtype)
+        for g, m in zip(grads, mu)]
+  source = []
+  for g, m in zip(grads, mu):
+    if _base.is_masked(g):
+      source.append(m)
+    else:
+      correction = 1 - opts.momentum ** count_inc.astype(g.dtype)
+      source.append(m.astype(g.dtype) / correction)
+  return source, mu
 
 
 def scale_by_kronecker(
@@ -320,280 +811,85 @@ def scale_by_kronecker(
     fallback_eps: jax.typing.ArrayLike,
     axis_name: str | None,
     eigen_correction: bool = False,
+    decay_schedule: str = 'constant',
+    conv_scaling: str = 'per_example',
+    dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
   eigenvalue-corrected forms (``eigen_correction=True``)."""
-  where = f'scale_by_{"e" if eigen_correction else ""}{algorithm.name}'
+  where = 'scale_by_' + (corrected_name(algorithm.name) if eigen_correction
+                         else algorithm.name)
   if eigen_correction:
     damping_mode = 'eigen'
-  _base.check_options(
-      where, periods={'stats_every': stats_every,
-                      'inverse_every': inverse_every},
-      block_size=block_size,
-      choices={'damping_mode': (damping_mode, ('factored', 'eigen')),
-               'momentum_style': (momentum_style, ('heavy_ball', 'adam')),
-               'loss_reduction': (loss_reduction, ('mean', 'sum'))})
-  template = None
-  if layers is not None:
-    template = {}
-    for key, st in _base.check_layer_stats(layers, where).items():
-      layout = layout_from_meta(key, st.meta)
-      if layout is not None:
-        template[key] = layout
-  known_layers: set[str] = set()
-
-  def layouts_for(params):
-    return dict(template) if template is not None else infer_layouts(params)
+  check_options(where, stats_every=stats_every, inverse_every=inverse_every,
+                block_size=block_size, damping_mode=damping_mode,
+                momentum_style=momentum_style, loss_reduction=loss_reduction,
+                inverse_method=inverse_method, decay_schedule=decay_schedule,
+                conv_scaling=conv_scaling, dense_damping=dense_damping)
+  _base.check_hyperparams(
+      where, positive={'damping': damping},
+      nonnegative={'fallback_eps': fallback_eps},
+      decays={'fisher_decay': fisher_decay, 'momentum': momentum,
+              'fallback_b2': fallback_b2})
+  opts = Options(where, damping, fisher_decay, momentum, stats_every,
+                 inverse_every, block_size, damping_mode, momentum_style,
+                 loss_reduction, inverse_method, fallback_b2, fallback_eps,
+                 axis_name, eigen_correction, decay_schedule, conv_scaling,
+                 dense_damping)
+  # The user's description of their layers, not state: init uses it for
+  # the layers each params tree has.
+  template = None if layers is None else {
+      key: st.meta for key, st in _base.check_layer_stats(
+          layers, where).items()}
 
   def init_fn(params):
-    layouts = layouts_for(params)
-    stats, precond = {}, {}
-    for key, layout in layouts.items():
-      stats[key] = {n: jnp.zeros(s, jnp.float32) for n, s in
-                    algorithm.shapes(layout, block_size, block_size).items()}
-      precond[key] = {n: jnp.zeros(s, jnp.float32) for n, s in
-                      _precond_shapes(layout, block_size, block_size,
-                                      damping_mode,
-                                      eigen_correction).items()}
-    return KroneckerState(
-        count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(jnp.zeros_like, params),
-        nu=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
-                        params),
-        stats=stats,
-        precond=precond,
-        nonfinite=jnp.zeros([], jnp.int32),
-    )
-
-  def check_layouts(layer_stats, state):
-    layouts = {}
-    for key, st in layer_stats.items():
-      layout = layout_from_meta(key, st.meta)
-      if layout is None:
-        continue
-      if key not in state.stats:
-        raise ValueError(
-            f'{where}: layer {key!r} ({st.meta.module}) has no curvature '
-            'state; init(params) could not infer it from the parameters. '
-            'Build the optimizer with layers=jax.eval_shape(step_fn, params,'
-            ' *batch)[2].')
-      want = algorithm.shapes(layout, block_size, block_size)
-      have = {n: tuple(v.shape) for n, v in state.stats[key].items()}
-      if want != have:
-        raise ValueError(
-            f'{where}: layer {key!r} ({st.meta.module}) needs factors {want}'
-            f' but the state was initialised with {have} (stacked, grouped '
-            'or multi-output layers cannot be inferred from params). Build '
-            'the optimizer with layers=jax.eval_shape(step_fn, params, '
-            '*batch)[2].')
-      layouts[key] = layout
-    return layouts
-
-  def layer_rows(st):
-    if st.meta.kind == 'embed':
-      k = st.meta.stack_ndim
-      ids = st.a.reshape(st.a.shape[:k] + (1, -1)).astype(jnp.int32)
-      batch = st.a.shape[k + 1]
-      scale = float(batch) if loss_reduction == 'mean' else 1.0
-      g = st.g.astype(jnp.float32).reshape(
-          ids.shape + (st.g.shape[-1],)) * scale
-      return _stats.KroneckerRows(ids, g, ids.shape[-1] // batch)
-    return _stats.kronecker_rows(st, loss_reduction)
-
-  def refresh_stats(layer_stats, layouts, old, old_scaling, first):
-    new, bad = {}, jnp.zeros([], jnp.bool_)
-    new_scaling = {}
-    weight = jnp.where(first, 1.0, 1.0 - fisher_decay)
-    for key, layout in layouts.items():
-      rows = layer_rows(layer_stats[key])
-      fresh = algorithm.statistics(rows, layout, block_size)
-      if eigen_correction:
-        fresh['scaling'] = measure_scaling(layout, rows, old_scaling[key])
-      if axis_name is not None:
-        fresh = jax.tree.map(lambda x: lax.pmean(x, axis_name), fresh)
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                  for x in fresh.values()]))
-      bad = bad | ~finite
-      avg = lambda o, f, finite=finite: jnp.where(
-          finite, (1 - weight) * o + weight * f, o)
-      new[key] = {n: avg(old[key][n], fresh[n]) for n in old[key]}
-      if eigen_correction:
-        new_scaling[key] = avg(old_scaling[key]['scaling'],
-                               fresh['scaling'])
-    return new, new_scaling, bad
-
-  def refresh_precond(layer_stats, layouts, stats, old):
-    blocks, extra, diag, exact = {}, {}, {}, {}
-    for key, layout in layouts.items():
-      c_in, c_out, d_in, d_out, exact[key] = algorithm.factors(
-          stats[key], layout, damping)
-      if layout.kind == 'embed':
-        diag[key] = (c_in, d_in)
-      else:
-        blocks[(key, 'in')] = c_in
-        extra[(key, 'in')] = d_in[..., None]
-      blocks[(key, 'out')] = c_out
-      extra[(key, 'out')] = d_out[..., None]
-    if damping_mode == 'eigen':
-      results = _linalg.bucketed(_linalg.safe_eigh, blocks)
-    else:
-      results = _linalg.bucketed(
-          lambda s, d: _linalg.damped_inverse(s, d, inverse_method),
-          blocks, extra)
-    new, bad_blocks = {}, jnp.zeros([], jnp.int32)
-    for key, layout in layouts.items():
-      fresh = {}
-      for side in ('in', 'out'):
-        if layout.kind == 'embed' and side == 'in':
-          c_in, d_in = diag[key]
-          fresh['in_vals'] = (c_in if damping_mode == 'eigen'
-                              else 1.0 / (c_in + d_in[..., None]))
-        elif damping_mode == 'eigen':
-          vals, vecs = results[(key, side)]
-          fresh[f'{side}_vals'], fresh[f'{side}_vecs'] = vals, vecs
-        else:
-          fresh[f'{side}_inv'] = results[(key, side)]
-      if damping_mode == 'eigen':
-        fresh['damping'] = jnp.broadcast_to(exact[key], layout.lead)
-      new[key] = {}
-      for name, value in fresh.items():
-        block_ndim = _BLOCK_NDIM.get(name, 2)
-        kept, n_bad = _linalg.keep_finite(value, old[key][name], block_ndim)
-        new[key][name] = kept
-        bad_blocks = bad_blocks + n_bad
-      if eigen_correction:
-        # A new basis invalidates the averaged scaling: measure it afresh.
-        rows = layer_rows(layer_stats[key])
-        scaling = measure_scaling(layout, rows, new[key])
-        if axis_name is not None:
-          scaling = lax.pmean(scaling, axis_name)
-        new[key]['scaling'], n_bad = _linalg.keep_finite(
-            scaling, old[key]['scaling'], 2)
-        bad_blocks = bad_blocks + n_bad
-    return new, bad_blocks
+    return init_state(algorithm, opts, init_layouts(template, params), params)
 
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
+    _base.check_same_structure(where, 'updates', updates,
+                               'the state (the params init saw)', state.mu)
     assignments = _pairing.pair(updates, layer_stats, where)
-    missing = known_layers - set(layer_stats)
-    if missing:
-      raise ValueError(
-          f'{where}: layer_stats has no entry for layer(s) {sorted(missing)}'
-          ' that earlier steps captured; their parameters would silently '
-          'lose their preconditioner.')
-    known_layers.update(layer_stats)
-    layouts = check_layouts(layer_stats, state)
-
+    layouts, norms = _check_layouts(algorithm, opts, updates, layer_stats,
+                                    state, assignments)
     paths, grads, treedef = _base.flatten_leaves(updates)
-    _, mu, _ = _base.flatten_leaves(state.mu)
-    _, nu, _ = _base.flatten_leaves(state.nu)
+    mu = treedef.flatten_up_to(state.mu)
+    nu = treedef.flatten_up_to(state.nu)
     index = {p: i for i, p in enumerate(paths)}
     count_inc = optax.safe_increment(state.count)
-    first = state.count == 0
 
-    # Curvature: statistics, then inverses, each on its own period.
-    stats, precond, nonfinite = state.stats, state.precond, state.nonfinite
-    if layouts:
-      active = {k: state.stats[k] for k in layouts}
-      old_pre = {k: state.precond[k] for k in layouts}
-      new_stats, scaling, bad = lax.cond(
-          state.count % stats_every == 0,
-          lambda args: refresh_stats(layer_stats, layouts, *args, first),
-          lambda args: (args[0], {k: v['scaling'] for k, v in args[1].items()}
-                        if eigen_correction else {},
-                        jnp.zeros([], jnp.bool_)),
-          (active, old_pre))
-      if eigen_correction:
-        old_pre = {k: {**v, 'scaling': scaling[k]} for k, v in old_pre.items()}
-      new_pre, bad_blocks = lax.cond(
-          state.count % inverse_every == 0,
-          lambda args: refresh_precond(layer_stats, layouts, *args),
-          lambda args: (args[1], jnp.zeros([], jnp.int32)),
-          (new_stats, old_pre))
-      stats = {**state.stats, **new_stats}
-      precond = {**state.precond, **new_pre}
-      nonfinite = nonfinite + bad.astype(jnp.int32) + bad_blocks
+    # Curvature (Algorithm 1's statistics and inverse steps).
+    nu_paths = {_base.join_path(key, name): nu[index[_base.join_path(
+        key, name)]] for key, st in norms.items() for _, name in
+                st.meta.params if not assignments[
+                    _base.join_path(key, name)].frozen}
+    stats, precond, nu_paths, nonfinite = refresh_curvature(
+        algorithm, opts, layouts, norms, layer_stats, state, nu_paths)
+    for path, value in nu_paths.items():
+      nu[index[path]] = value
 
-    # Norm layers: diagonal empirical Fisher of scale and bias, computed
-    # inside the cond so that other steps do not pay for it.
-    weight = jnp.where(first, 1.0, 1.0 - fisher_decay)
-    norm_layers = {key: st for key, st in layer_stats.items()
-                   if st.meta.kind == 'norm'}
-
-    def refresh_norm(old):
-      new = dict(old)
-      for key, st in norm_layers.items():
-        batch = st.g.shape[st.meta.stack_ndim + 1]
-        scale = float(batch) ** 2 if loss_reduction == 'mean' else 1.0
-        for name, f in _stats.adafisher_factors(st, False)[0].items():
-          path = _base.join_path(key, name)
-          if path in old:
-            fresh = jnp.broadcast_to(f.s * scale, old[path].shape)
-            new[path] = (1 - weight) * old[path] + weight * fresh
-      return new
-
-    # A norm layer's factors are its scale and bias, the params it owns.
-    diag_paths = {path: index[path] for path in (
-        _base.join_path(key, name) for key, st in norm_layers.items()
-        for _, name in st.meta.params) if not assignments[path].frozen}
-    refreshed = lax.cond(state.count % stats_every == 0, refresh_norm,
-                         lambda old: old,
-                         {p: nu[i] for p, i in diag_paths.items()})
-    for path, i in diag_paths.items():
-      nu[i] = refreshed[path]
-
-    def direction(i, g):
-      """Preconditioned direction of leaf ``i`` (non-Kronecker leaves)."""
-      path = paths[i]
-      if path in diag_paths:
-        return g / (nu[i] + damping)
-      # Parameters no layer covers: Adam's diagonal.
-      nu[i], denom = _base.adam_denominator(
-          jnp.where(first, 0.0, nu[i]), g, count_inc, fallback_b2,
-          fallback_eps)
-      return g / denom
-
-    grads32 = [g if _base.is_masked(g) else g.astype(jnp.float32)
-               for g in grads]
-    if momentum_style == 'adam':
-      mu = [m if _base.is_masked(g) else
-            (momentum * m + (1 - momentum) * g).astype(m.dtype)
-            for g, m in zip(grads32, mu)]
-      bias_mu = 1 - momentum ** count_inc.astype(jnp.float32)
-      source = [m if _base.is_masked(m) else m.astype(jnp.float32) / bias_mu
-                for m in mu]
-    else:
-      source = grads32
-
+    # Preconditioning.
+    source, mu = first_moment(opts, grads, mu, count_inc)
     out = list(source)
-    done = set()
-    for key, layout in layouts.items():
-      kname = _base.join_path(key, layout.kernel)
-      bname = _base.join_path(key, layout.bias) if layout.bias else None
-      if assignments[kname].frozen or (bname and assignments[bname].frozen):
-        continue
-      ik = index[kname]
-      ib = index[bname] if bname else None
-      if layout.kind == 'embed':
-        w = source[ik].reshape(layout.lead + (layout.d_in, layout.d_out))
-      else:
-        w = _to_matrix(layout, source[ik],
-                       None if ib is None else source[ib])
-      w = precondition(layout, precond[key], w, damping_mode)
-      if layout.kind == 'embed':
-        out[ik] = w.reshape(source[ik].shape)
-      else:
-        out[ik], b = _from_matrix(layout, w, source[ik].shape,
-                                  None if ib is None else source[ib].shape)
-        if ib is not None:
-          out[ib] = b
-          done.add(ib)
-      done.add(ik)
+    done = precondition_layers(
+        opts, layouts, precond,
+        eigen_damping(algorithm, opts, layouts, precond), source, index)
     for i, g in enumerate(source):
-      if i not in done and not _base.is_masked(g):
-        out[i] = direction(i, g)
+      if i in done:
+        out[i] = done[i]
+      elif _base.is_masked(g):
+        continue
+      elif paths[i] in nu_paths:  # norm layers: damped diagonal Fisher
+        out[i] = g / (nu[i] + damping)
+      else:  # parameters no layer covers: Adam
+        new_nu, denom = _base.adam_denominator(
+            jnp.where(state.count == 0, 0.0, nu[i]), g, count_inc,
+            fallback_b2, fallback_eps)
+        nu[i] = new_nu.astype(nu[i].dtype)
+        out[i] = g / denom
 
+    # Momentum and step.
     if momentum_style == 'heavy_ball':
       mu = [m if _base.is_masked(u) else
             (momentum * m + u).astype(m.dtype) for u, m in zip(out, mu)]
@@ -606,3 +902,29 @@ def scale_by_kronecker(
         precond=precond, nonfinite=nonfinite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def corrected_name(name: str) -> str:
+  """``'kfac'`` -> ``'ekfac'``, ``'tkfac'`` -> ``'tekfac'``."""
+  return {'kfac': 'ekfac', 'tkfac': 'tekfac'}.get(name, 'e' + name)
+
+
+def check_options(where: str, *, stats_every, inverse_every, block_size,
+                  **choices) -> None:
+  """Validates the static options of a Kronecker factory; names them."""
+  allowed = {
+      'damping_mode': ('factored', 'eigen'),
+      'momentum_style': ('heavy_ball', 'adam'),
+      'loss_reduction': ('mean', 'sum'),
+      'inverse_method': ('cholesky', 'inv', 'eigh'),
+      'decay_schedule': ('constant', 'martens'),
+      'conv_scaling': ('per_example', 'per_position'),
+      'dense_damping': ('beta', 'fixed'),
+      'conv_damping': ('normal', 'adaptive'),
+  }
+  _base.check_options(
+      where, periods={'stats_every': stats_every,
+                      'inverse_every': inverse_every},
+      block_size=block_size,
+      choices={name: (value, allowed[name])
+               for name, value in choices.items()})

@@ -302,13 +302,17 @@ class KroneckerRows(NamedTuple):
   ``a``: ``(*stack, groups, N, d_in [+1])`` inputs (patches for convs) with a
   trailing ones column when the layer has a bias; ``g``: ``(*stack, groups,
   N, d_out)`` per-example output cotangents; ``positions``: rows per
-  example ``T`` (positions x calls). Grouped convolutions are independent
-  layers per group, so groups form a leading axis (1 for other layers).
+  example ``T`` (positions x calls); ``calls``: calls of the layer. The
+  ``N`` rows are ordered (call, example, position), so the rows of one
+  example in one call are consecutive (per-example sums, as in EKFAC's
+  scaling, reshape them). Grouped convolutions are independent layers per
+  group, so groups form a leading axis (1 for other layers).
   """
 
   a: jax.Array
   g: jax.Array
   positions: int
+  calls: int = 1
 
 
 def conv_patches(x, meta: _base.LayerMeta):
@@ -346,7 +350,8 @@ def conv_patches(x, meta: _base.LayerMeta):
   return jnp.swapaxes(p, 0, 1)
 
 
-def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean'):
+def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
+                   with_bias: bool | None = None):
   """:class:`KroneckerRows` of a dense or conv layer.
 
   Args:
@@ -354,6 +359,8 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean'):
     loss_reduction: ``'mean'`` if the loss averages over the batch (the
       leading axis of one call's input): ``g`` is rescaled by the batch size
       to per-example cotangents; ``'sum'`` uses ``g`` as is.
+    with_bias: append the ones column of the bias; default: when the layer
+      has a bias (False for a frozen bias: the layer is then bias-less).
 
   Returns:
     The layer's :class:`KroneckerRows`.
@@ -363,7 +370,8 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean'):
   kernel_name = meta.param_name('kernel')
   kernel = meta.param_shape(kernel_name)
   stack = kernel[:k]
-  has_bias = meta.param_name('bias') is not None
+  has_bias = (meta.param_name('bias') is not None if with_bias is None
+              else with_bias)
   batch = st.a.shape[k + 1]
   scale = float(batch) if loss_reduction == 'mean' else 1.0
   if meta.kind == 'conv':
@@ -388,4 +396,4 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean'):
   if has_bias:
     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
   rows = a.shape[-2]
-  return KroneckerRows(a, g * scale, rows // batch)
+  return KroneckerRows(a, g * scale, rows // batch, st.a.shape[k])

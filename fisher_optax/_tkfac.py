@@ -59,11 +59,11 @@ def _shapes(layout, block_in, block_out):
   return {'delta': layout.lead, 'Phi': kfac['A'], 'Psi': kfac['G']}
 
 
-def _algorithm(conv_damping: str) -> _kronecker.Algorithm:
+def _algorithm(conv_damping: str, where: str = 'scale_by_tkfac'
+               ) -> _kronecker.Algorithm:
   """TKFAC with the paper's normal damping or the adaptive conv damping."""
-  if conv_damping not in ('normal', 'adaptive'):
-    raise ValueError("conv_damping must be 'normal' or 'adaptive', got "
-                     f'{conv_damping!r}.')
+  _kronecker.check_options(where, stats_every=1, inverse_every=1,
+                           block_size=None, conv_damping=conv_damping)
 
   def factors(stats, layout, damping):
     delta = stats['delta']
@@ -80,7 +80,8 @@ def _algorithm(conv_damping: str) -> _kronecker.Algorithm:
                               jnp.sqrt(damping), jnp.sqrt(damping), damping)
 
   return _kronecker.Algorithm(name='tkfac', statistics=_statistics,
-                              shapes=_shapes, factors=factors)
+                              shapes=_shapes, factors=factors,
+                              adaptive_conv=conv_damping == 'adaptive')
 
 
 TKFAC = _algorithm('normal')
@@ -104,17 +105,22 @@ def scale_by_tkfac(
     axis_name: str | None = None,
     eigen_correction: bool = False,
     conv_damping: str = 'normal',
+    decay_schedule: str = 'constant',
+    conv_scaling: str = 'per_example',
+    dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC preconditioning; see :func:`fisher_optax.tkfac`."""
+  where = 'scale_by_tekfac' if eigen_correction else 'scale_by_tkfac'
   return _kronecker.scale_by_kronecker(
-      _algorithm(conv_damping), momentum=momentum, damping=damping,
+      _algorithm(conv_damping, where), momentum=momentum, damping=damping,
       fisher_decay=fisher_decay,
       stats_every=stats_every, inverse_every=inverse_every,
       block_size=block_size, damping_mode=damping_mode,
       momentum_style=momentum_style, loss_reduction=loss_reduction,
       inverse_method=inverse_method, layers=layers, fallback_b2=fallback_b2,
       fallback_eps=fallback_eps, axis_name=axis_name,
-      eigen_correction=eigen_correction)
+      eigen_correction=eigen_correction, decay_schedule=decay_schedule,
+      conv_scaling=conv_scaling, dense_damping=dense_damping)
 
 
 def tkfac(
@@ -138,6 +144,10 @@ def tkfac(
     eigen_correction: bool = False,
     conv_damping: str = 'normal',
     mask: Any = None,
+    decay_schedule: str = 'constant',
+    l2_in_damping: bool = False,
+    conv_scaling: str = 'per_example',
+    dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   r"""TKFAC: trace-restricted K-FAC (the paper's TKFAC_nor).
 
@@ -203,6 +213,14 @@ def tkfac(
     axis_name: data-parallel axis for ``pmean`` under ``shard_map``/``pmap``.
     conv_damping: ``'normal'`` or ``'adaptive'`` (convolutions only).
     mask: weight-decay mask.
+    decay_schedule: ``'constant'`` or ``'martens'``, see
+      :func:`fisher_optax.kfac`.
+    l2_in_damping: add ``weight_decay`` to ``damping``.
+    conv_scaling: TEKFAC on convolutions, see :func:`fisher_optax.ekfac`.
+    dense_damping: TEKFAC with ``conv_damping='adaptive'``: ``'beta'`` (the
+      TEKFAC paper: layers other than convolutions are damped by ``beta``,
+      the largest conv layer's adaptive damping) or ``'fixed'``
+      (``damping``). Only models with convolutions are affected.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update``
@@ -235,6 +253,12 @@ def tkfac(
     Kronecker-Factored Approximation to Natural Gradient
     <https://arxiv.org/abs/2011.10741>`_, AAAI 2021.
   """
+  _base.check_hyperparams(
+      'tekfac' if eigen_correction else 'tkfac',
+      finite={'learning_rate': learning_rate},
+      nonnegative={'weight_decay': weight_decay})
+  if l2_in_damping:
+    damping = damping + weight_decay
   return _base.with_l2(
       scale_by_tkfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
@@ -243,7 +267,8 @@ def tkfac(
           loss_reduction=loss_reduction, inverse_method=inverse_method,
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, eigen_correction=eigen_correction,
-          conv_damping=conv_damping),
+          conv_damping=conv_damping, decay_schedule=decay_schedule,
+          conv_scaling=conv_scaling, dense_damping=dense_damping),
       learning_rate, weight_decay, mask)
 
 
@@ -257,12 +282,20 @@ tekfac.__doc__ = r"""TEKFAC: TKFAC's eigenbasis with measured diagonal scaling.
 Same arguments as :func:`fisher_optax.tkfac` (damping is exact). The
 eigenbases :math:`U_\Phi, U_\Psi` of the trace-restricted factors replace
 K-FAC's in :func:`fisher_optax.ekfac`: the update divides the rotated
-gradient by the measured diagonal
-:math:`S = T\,\mathrm{mean}_r (U_\Phi^\top \bar a_r)^{\odot 2}
-((U_\Psi^\top g_r)^{\odot 2})^\top` plus :math:`\lambda`. Because
-:math:`\delta\,\Phi\otimes\Psi` is itself diagonal in that basis and
-:math:`S` is the best diagonal there, TEKFAC is never further from the
-empirical Fisher (in Frobenius norm) than TKFAC.
+gradient by the measured diagonal :math:`\Theta` (the second moment of the
+per-example gradients rotated into the basis, see
+:func:`fisher_optax.ekfac` for convolutions and ``conv_scaling``) plus the
+damping. Because :math:`\delta\,\Phi\otimes\Psi` is itself diagonal in that
+basis and :math:`\Theta` is the best diagonal there, TEKFAC is never further
+from the empirical Fisher (in Frobenius norm) than TKFAC.
+
+``conv_damping='adaptive'`` is the paper's Eq. 3.5: each convolution is
+damped by :math:`\lambda_l = \max(\mathrm{tr}\,\Theta_l, \vartheta_l) /
+\dim\Theta_l` with :math:`\vartheta_l = \lambda \dim\Theta_l` (so
+:math:`\lambda_l \ge \lambda`), from the current :math:`\Theta_l` on every
+step, and (``dense_damping='beta'``, the default) the other layers of the
+model by :math:`\beta = \max_l \lambda_l` over its convolutions, "to keep
+pace with the convolution layers".
 
 References:
   Gao, Liu, Huang, Wang, Wang, Xu, Yu, `Eigenvalue-corrected Natural
