@@ -793,6 +793,95 @@ def first_moment(opts: Options, grads, mu, count_inc):
   return source, mu
 
 
+def other_directions(opts: Options, paths, source, done, nu, norm_paths,
+                     count):
+  """Directions of the leaves no Kronecker layer covers.
+
+  Norm layers' parameters divide by their damped diagonal Fisher; other
+  parameters get Adam's second moment (updated in ``nu``).
+
+  Returns:
+    ``(directions, nu)``: flat lists like ``source``.
+  """
+  out, nu = list(source), list(nu)
+  count_inc = optax.safe_increment(count)
+  for i, g in enumerate(source):
+    if i in done:
+      out[i] = done[i]
+    elif _base.is_masked(g):
+      continue
+    elif paths[i] in norm_paths:
+      out[i] = g / (nu[i] + opts.damping)
+    else:
+      new_nu, denom = _base.adam_denominator(
+          jnp.where(count == 0, 0.0, nu[i]), g, count_inc, opts.fallback_b2,
+          opts.fallback_eps)
+      nu[i] = new_nu.astype(nu[i].dtype)
+      out[i] = g / denom
+  return out, nu
+
+
+def heavy_ball(opts: Options, directions, mu):
+  """``m <- momentum m + direction`` (TKFAC's Algorithm 1); the step is m."""
+  if opts.momentum_style != 'heavy_ball':
+    return directions, mu
+  mu = [m if _base.is_masked(u) else
+        (opts.momentum * m + u).astype(m.dtype)
+        for u, m in zip(directions, mu)]
+  return mu, mu
+
+
+def kronecker_update(algorithm: Algorithm, opts: Options, updates,
+                     state: KroneckerState, layer_stats):
+  """One step: statistics, inverses, preconditioning, momentum.
+
+  Args:
+    algorithm: the method.
+    opts: its options.
+    updates: the gradients.
+    state: the state from ``init`` or the previous step.
+    layer_stats: this step's captured statistics.
+
+  Returns:
+    ``(updates, state)``.
+  """
+  _base.check_same_structure(opts.where, 'updates', updates,
+                             'the state (the params init saw)', state.mu)
+  assignments = _pairing.pair(updates, layer_stats, opts.where)
+  layouts, norms = _check_layouts(algorithm, opts, updates, layer_stats,
+                                  state, assignments)
+  paths, grads, treedef = _base.flatten_leaves(updates)
+  index = {p: i for i, p in enumerate(paths)}
+  nu = treedef.flatten_up_to(state.nu)
+
+  # Statistics and inverses, each on its own period.
+  norm_nu = {p: nu[index[p]] for p in (
+      _base.join_path(key, name) for key, st in norms.items()
+      for _, name in st.meta.params) if not assignments[p].frozen}
+  stats, precond, norm_nu, nonfinite = refresh_curvature(
+      algorithm, opts, layouts, norms, layer_stats, state, norm_nu)
+  for path, value in norm_nu.items():
+    nu[index[path]] = value
+
+  # Preconditioning of the gradient (or of Adam-style momentum).
+  source, mu = first_moment(opts, grads, treedef.flatten_up_to(state.mu),
+                            optax.safe_increment(state.count))
+  done = precondition_layers(
+      opts, layouts, precond,
+      eigen_damping(algorithm, opts, layouts, precond), source, index)
+  directions, nu = other_directions(opts, paths, source, done, nu,
+                                    set(norm_nu), state.count)
+
+  # Momentum and step.
+  out, mu = heavy_ball(opts, directions, mu)
+  out = [u if _base.is_masked(g) else u.astype(g.dtype)
+         for u, g in zip(out, grads)]
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+  return unflatten(out), KroneckerState(
+      count=optax.safe_increment(state.count), mu=unflatten(mu),
+      nu=unflatten(nu), stats=stats, precond=precond, nonfinite=nonfinite)
+
+
 def scale_by_kronecker(
     algorithm: Algorithm,
     *,
@@ -848,58 +937,7 @@ def scale_by_kronecker(
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
-    _base.check_same_structure(where, 'updates', updates,
-                               'the state (the params init saw)', state.mu)
-    assignments = _pairing.pair(updates, layer_stats, where)
-    layouts, norms = _check_layouts(algorithm, opts, updates, layer_stats,
-                                    state, assignments)
-    paths, grads, treedef = _base.flatten_leaves(updates)
-    mu = treedef.flatten_up_to(state.mu)
-    nu = treedef.flatten_up_to(state.nu)
-    index = {p: i for i, p in enumerate(paths)}
-    count_inc = optax.safe_increment(state.count)
-
-    # Curvature (Algorithm 1's statistics and inverse steps).
-    nu_paths = {_base.join_path(key, name): nu[index[_base.join_path(
-        key, name)]] for key, st in norms.items() for _, name in
-                st.meta.params if not assignments[
-                    _base.join_path(key, name)].frozen}
-    stats, precond, nu_paths, nonfinite = refresh_curvature(
-        algorithm, opts, layouts, norms, layer_stats, state, nu_paths)
-    for path, value in nu_paths.items():
-      nu[index[path]] = value
-
-    # Preconditioning.
-    source, mu = first_moment(opts, grads, mu, count_inc)
-    out = list(source)
-    done = precondition_layers(
-        opts, layouts, precond,
-        eigen_damping(algorithm, opts, layouts, precond), source, index)
-    for i, g in enumerate(source):
-      if i in done:
-        out[i] = done[i]
-      elif _base.is_masked(g):
-        continue
-      elif paths[i] in nu_paths:  # norm layers: damped diagonal Fisher
-        out[i] = g / (nu[i] + damping)
-      else:  # parameters no layer covers: Adam
-        new_nu, denom = _base.adam_denominator(
-            jnp.where(state.count == 0, 0.0, nu[i]), g, count_inc,
-            fallback_b2, fallback_eps)
-        nu[i] = new_nu.astype(nu[i].dtype)
-        out[i] = g / denom
-
-    # Momentum and step.
-    if momentum_style == 'heavy_ball':
-      mu = [m if _base.is_masked(u) else
-            (momentum * m + u).astype(m.dtype) for u, m in zip(out, mu)]
-      out = mu
-    final = [u if _base.is_masked(g) else u.astype(g.dtype)
-             for u, g in zip(out, grads)]
-    unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
-    return unflatten(final), KroneckerState(
-        count=count_inc, mu=unflatten(mu), nu=unflatten(nu), stats=stats,
-        precond=precond, nonfinite=nonfinite)
+    return kronecker_update(algorithm, opts, updates, state, layer_stats)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

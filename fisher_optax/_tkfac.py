@@ -209,7 +209,7 @@ def tkfac(
     fallback_b2: Adam's second-moment decay for uncovered parameters.
     fallback_eps: Adam's epsilon for uncovered parameters.
     eigen_correction: keep the factors' eigenbasis but use the diagonal of
-      the Fisher measured in it (see :func:`fisher_optax.etkfac`).
+      the Fisher measured in it (see :func:`fisher_optax.tekfac`).
     axis_name: data-parallel axis for ``pmean`` under ``shard_map``/``pmap``.
     conv_damping: ``'normal'`` or ``'adaptive'`` (convolutions only).
     mask: weight-decay mask.

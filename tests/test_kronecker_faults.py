@@ -10,6 +10,8 @@ import numpy as np
 import optax
 
 import fisher_optax as fo
+from fisher_optax import _kronecker
+from fisher_optax import _stats
 
 # (name, factory, extra options): every method and both damping modes.
 _METHODS = (
@@ -370,6 +372,62 @@ class ForeignInputTest(parameterized.TestCase):
     tx = fo.scale_by_kfac()
     with self.assertRaisesRegex(ValueError, 'nnx.eval_shape'):
       tx.update(grads, tx.init(params), params, layer_stats=stats)
+
+
+def _options(**kw):
+  base = dict(where='test', damping=0.1, fisher_decay=0.9, momentum=0.5,
+              stats_every=2, inverse_every=1, block_size=None,
+              damping_mode='factored', momentum_style='heavy_ball',
+              loss_reduction='mean', inverse_method='cholesky',
+              fallback_b2=0.999, fallback_eps=1e-8, axis_name=None,
+              eigen_correction=False, decay_schedule='constant',
+              conv_scaling='per_example', dense_damping='beta')
+  return _kronecker.Options(**{**base, **kw})
+
+
+class StageTest(parameterized.TestCase):
+  """The engine's stages, each alone."""
+
+  @parameterized.parameters('constant', 'martens')
+  def test_average_weight(self, schedule):
+    opts = _options(decay_schedule=schedule)
+    for count in range(0, 40, 2):
+      k = count // 2 + 1
+      decay = 0.9 if schedule == 'constant' else min(1 - 1 / k, 0.9)
+      want = 1.0 if count == 0 else 1 - decay
+      np.testing.assert_allclose(
+          _kronecker.average_weight(opts, jnp.asarray(count)), want,
+          rtol=1e-6)
+
+  def test_refresh_norm_diagonals_averages_and_guards(self):
+    step_fn, params, x, y = _problem()
+    _, _, stats = jax.jit(step_fn)(params, x, y)
+    st = stats['LayerNorm_0']
+    old = {'LayerNorm_0/scale': jnp.full((48,), 2.0),
+           'LayerNorm_0/bias': jnp.full((48,), 3.0)}
+    opts = _options()
+    norms = {'LayerNorm_0': st}
+    new, bad = jax.jit(lambda n: _kronecker.refresh_norm_diagonals(
+        opts, norms, n, jnp.asarray(2)))(old)
+    fresh = _stats.adafisher_factors(st, False)[0]
+    for name in ('scale', 'bias'):
+      want = 0.9 * old[f'LayerNorm_0/{name}'] + 0.1 * 8 ** 2 * fresh[name].s
+      np.testing.assert_allclose(new[f'LayerNorm_0/{name}'], want,
+                                 rtol=1e-5, atol=1e-6 * np.max(want))
+    self.assertEqual(int(bad), 0)
+    poison = {'LayerNorm_0': fo.LayerStats(
+        st.a, st.g.at[0, 0, 0].set(np.inf), st.meta, st.extras)}
+    new, bad = jax.jit(lambda n: _kronecker.refresh_norm_diagonals(
+        opts, poison, n, jnp.asarray(2)))(old)
+    for path, value in old.items():
+      np.testing.assert_array_equal(new[path], value)
+    self.assertEqual(int(bad), 2)
+
+  def test_heavy_ball(self):
+    opts = _options(momentum=0.5)
+    out, mu = _kronecker.heavy_ball(opts, [jnp.ones(3)], [jnp.full(3, 4.0)])
+    np.testing.assert_array_equal(out[0], np.full(3, 3.0))
+    np.testing.assert_array_equal(mu[0], np.full(3, 3.0))
 
 
 if __name__ == '__main__':
