@@ -344,6 +344,10 @@ class ForeignInputTest(parameterized.TestCase):
                                 'bias': grads['Dense_2']['bias']}}
     with self.assertRaisesRegex(ValueError, 'Dense_2/kernel'):
       tx.update(bad, state, params, layer_stats=stats)
+    # A leaf no layer owns: lists would be zipped out of step.
+    bad = {**grads, 'step_scale': jnp.ones(3)}
+    with self.assertRaisesRegex(ValueError, "'step_scale'"):
+      tx.update(bad, state, params, layer_stats=stats)
 
   @parameterized.product(factory=['kfac', 'tkfac', 'ekfac', 'tekfac'],
                          fault=['feature', 'batch'])
