@@ -346,7 +346,8 @@ def adam_denominator(nu: jax.Array, g: jax.Array, count: jax.Array,
   """Adam's second moment, for the fallback every optimizer offers.
 
   Args:
-    nu: previous second moment of ``g`` (float32).
+    nu: previous second moment of ``g``, in the statistics dtype
+      (``stats_dtype`` of the parameter: float32, or float64 under x64).
     g: the gradient.
     count: steps taken including this one (for the bias correction).
     b2: decay of the second moment.
@@ -355,8 +356,8 @@ def adam_denominator(nu: jax.Array, g: jax.Array, count: jax.Array,
   Returns:
     ``(new_nu, sqrt(nu_hat) + eps)``: divide a first moment by the second.
   """
-  nu = b2 * nu + (1 - b2) * jnp.square(g.astype(jnp.float32))
-  nu_hat = nu / (1 - b2 ** count.astype(jnp.float32))
+  nu = b2 * nu + (1 - b2) * jnp.square(g.astype(nu.dtype))
+  nu_hat = nu / (1 - b2 ** count.astype(nu.dtype))
   return nu, jnp.sqrt(nu_hat) + eps
 
 

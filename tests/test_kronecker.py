@@ -215,10 +215,6 @@ class PreconditionTest(parameterized.TestCase):
     self.assertEqual(int(state.nonfinite), 0)
 
 
-if __name__ == '__main__':
-  absltest.main()
-
-
 class EigenCorrectedTest(parameterized.TestCase):
 
   def _state_after_one_step(self, factory, st, params, lam=0.05, **kw):
@@ -494,3 +490,7 @@ def _get(tree, path):
   for k in path.split('/'):
     tree = tree[k]
   return tree
+
+
+if __name__ == '__main__':
+  absltest.main()

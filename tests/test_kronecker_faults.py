@@ -319,14 +319,22 @@ class FrozenTest(parameterized.TestCase):
       params_b = optax.apply_updates(params_b, updates)
     self.assertTrue(_finite((params_a, params_b)))
 
-  def test_missing_layer_names_it(self):
+  def test_uncaptured_layer_gets_the_adam_fallback(self):
+    """A kernel init found but no layer captured: Adam, as fo.coverage says."""
     step_fn, params = _three()
-    tx = fo.scale_by_kfac()
+    tx = fo.scale_by_kfac(momentum=0.0)
     _, grads, stats = step_fn(params)
     state = tx.init(params)
     stats = {k: v for k, v in stats.items() if k != 'Dense_1'}
-    with self.assertRaisesRegex(ValueError, "'Dense_1'"):
-      tx.update(grads, state, params, layer_stats=stats)
+    updates, _ = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))(
+        grads, state, stats)
+    for name in ('kernel', 'bias'):
+      g = np.asarray(grads['Dense_1'][name], np.float64)
+      # Adam's first step: g / (sqrt(g^2) + eps).
+      want = g / (np.abs(g) + 1e-8)
+      np.testing.assert_allclose(updates['Dense_1'][name], want, rtol=1e-5,
+                                 atol=1e-6)
+    self.assertIn('fallback: adam', str(fo.coverage(params, stats)))
 
 
 class ForeignInputTest(parameterized.TestCase):
