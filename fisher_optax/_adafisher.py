@@ -557,23 +557,13 @@ def adafisher(
                      damping=damping, fisher_decay=fisher_decay, eps=eps,
                      weight_decay=weight_decay, fallback_b2=fallback_b2,
                      fallback_eps=fallback_eps)
-  tx = _base.with_l2(
+  return _base.with_l2(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
                          fallback_eps=fallback_eps, mu_dtype=mu_dtype,
                          axis_name=axis_name),
-      learning_rate, weight_decay, mask)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    # The L2 term maps updates against params before scale_by_adafisher
-    # can compare them with its state: name the path here instead.
-    if params is not None:
-      _base.check_same_structure('adafisher', 'updates', updates, 'params',
-                                 params)
-    return tx.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+      learning_rate, weight_decay, mask, where='adafisher')
 
 
 def adafisherw(

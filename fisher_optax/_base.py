@@ -367,10 +367,23 @@ def shape_of(x: Any) -> tuple[int, ...]:
 
 def with_l2(preconditioner: optax.GradientTransformation,
             learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
-            mask: Any = None) -> optax.GradientTransformationExtraArgs:
-  """L2 added to the gradient, then ``preconditioner``, then ``-lr``."""
-  return optax.chain(
+            mask: Any = None, *, where: str = 'optimizer'
+            ) -> optax.GradientTransformationExtraArgs:
+  """L2 added to the gradient, then ``preconditioner``, then ``-lr``.
+
+  The L2 term maps ``updates`` against ``params`` before the preconditioner
+  can compare them with its state, so the structures are compared first:
+  a mismatch names the first differing path instead of failing inside optax.
+  """
+  tx = optax.chain(
       add_decayed_weights(weight_decay, mask),
       preconditioner,
       optax.scale_by_learning_rate(learning_rate),
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      check_same_structure(where, 'updates', updates, 'params', params)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

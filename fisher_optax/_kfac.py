@@ -260,7 +260,8 @@ def kfac(
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, eigen_correction=eigen_correction,
           decay_schedule=decay_schedule, conv_scaling=conv_scaling),
-      learning_rate, weight_decay, mask)
+      learning_rate, weight_decay, mask,
+      where='ekfac' if eigen_correction else 'kfac')
 
 
 scale_by_ekfac = functools.partial(scale_by_kfac, eigen_correction=True)

@@ -269,7 +269,8 @@ def tkfac(
           axis_name=axis_name, eigen_correction=eigen_correction,
           conv_damping=conv_damping, decay_schedule=decay_schedule,
           conv_scaling=conv_scaling, dense_damping=dense_damping),
-      learning_rate, weight_decay, mask)
+      learning_rate, weight_decay, mask,
+      where='tekfac' if eigen_correction else 'tkfac')
 
 
 scale_by_tekfac = functools.partial(scale_by_tkfac, eigen_correction=True)
