@@ -66,9 +66,10 @@ LEARNING_RATES = {
 # released code one pass over the training set).
 MBF_KWARGS = dict(damping=3e-4, fisher_decay=0.9, momentum=0.9,
                   stats_every=2, inverse_every=25, dense_blocks='chunks')
-# 'mbf_average' (opt-in): the same with true rows of [dW; db] averaged, as
-# the paper describes "Avg". A mean gradient is close to rank one, so that
-# average leaves almost every direction at the damping: with 3e-4 it
+# 'mbf_average' (opt-in): the same with true rows of [dW; db] averaged (the
+# row blocks of the paper's text; the released code's "Avg" is 'chunks'). A
+# mean gradient is close to rank one, so that average leaves almost every
+# direction at the damping: with 3e-4 it
 # diverged at learning rates 3e-6 to 1e-5; 0.1 keeps lr / damping near the
 # released SGD learning rate (3e-3).
 MBF_AVERAGE_KWARGS = dict(MBF_KWARGS, damping=0.1, dense_blocks='average')

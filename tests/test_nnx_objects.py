@@ -16,35 +16,19 @@ import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _tolerance import assert_close
+from _tolerance import assert_trees_close
 import fisher_optax as fo
 from fisher_optax import _base
 
 
 def _normal(i, shape):
   return np.random.default_rng(i).standard_normal(shape).astype(np.float32)
-
-
-def assert_close(actual, desired, rtol=1e-5, atol=1e-6, err_msg=''):
-  """assert_allclose with ``atol`` relative to the magnitude of ``desired``."""
-  actual = np.asarray(actual)
-  desired = np.asarray(desired)
-  scale = float(np.max(np.abs(desired))) if desired.size else 0.0
-  np.testing.assert_allclose(actual, desired, rtol=rtol,
-                             atol=atol * max(scale, 1e-30), err_msg=err_msg)
-
-
-def assert_trees_close(actual, desired, rtol=1e-5, atol=1e-6):
-  chex.assert_trees_all_equal_structs(actual, desired)
-  paths = jax.tree_util.tree_flatten_with_path(desired)[0]
-  for (path, d), a in zip(paths, jax.tree.leaves(actual)):
-    assert_close(a, d, rtol=rtol, atol=atol,
-                 err_msg=jax.tree_util.keystr(path))
 
 
 def _pure(tree):
