@@ -131,18 +131,17 @@ def layer_factors(st: _base.LayerStats, old: Curvature, names: list[str],
     axis_name: data-parallel axis to average the factors over, or None.
 
   Returns:
-    ``(new_h, new_s, normalise_h)``: lists in the order of ``names``, shaped
-    like ``old.h`` and ``old.s``; ``normalise_h`` is False when ``h`` is
-    identically one and must not be min-max normalised.
+    ``(new_h, new_s, normalise_h)``: lists in the order of ``names``, in the
+    state's dtype and broadcastable to ``old.h`` and ``old.s`` (the output
+    side of a kernel is one row, not the kernel's shape); ``normalise_h`` is
+    False when ``h`` is identically one and must not be min-max normalised.
   """
   factors, normalise_h = _stats.adafisher_factors(st, reference)
   if axis_name is not None:
     # Data-parallel replicas see different rows: average the factors.
     factors = jax.tree.map(lambda x: lax.pmean(x, axis_name), factors)
-  new_h = [jnp.broadcast_to(factors[n].h, x.shape)
-           for n, x in zip(names, old.h)]
-  new_s = [jnp.broadcast_to(factors[n].s, x.shape)
-           for n, x in zip(names, old.s)]
+  new_h = [factors[n].h.astype(x.dtype) for n, x in zip(names, old.h)]
+  new_s = [factors[n].s.astype(x.dtype) for n, x in zip(names, old.s)]
   return new_h, new_s, normalise_h
 
 
@@ -191,6 +190,13 @@ def paper_average_then_normalise(old: Curvature, new_h, new_s, k: int,
   return Curvature(h, s, scale, shift)
 
 
+def _minmax_absolute(xs, k: int, eps):
+  """The official min-max over a layer's factors, absolute epsilon."""
+  lo, hi = _group_min_max(xs, k)
+  return [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
+          for x in xs]
+
+
 def reference_normalise_then_average(old: Curvature, new_h, new_s, k: int,
                                      fisher_decay, eps,
                                      normalise_h: bool) -> Curvature:
@@ -202,14 +208,9 @@ def reference_normalise_then_average(old: Curvature, new_h, new_s, k: int,
   Returns:
     The layer's new curvature: ``scale = h`` and ``shift = 0``.
   """
-  def minmax(xs):
-    lo, hi = _group_min_max(xs, k)
-    return [(x - _expand(lo, x.ndim)) / (_expand(hi - lo, x.ndim) + eps)
-            for x in xs]
-
   if normalise_h:
-    new_h = minmax(new_h)
-  new_s = minmax(new_s)
+    new_h = _minmax_absolute(new_h, k, eps)
+  new_s = _minmax_absolute(new_s, k, eps)
   h = [fisher_decay / 10 * o + fisher_decay / 100 * x
        for o, x in zip(old.h, new_h)]
   s = [fisher_decay / 10 * o + fisher_decay / 100 * x
@@ -220,15 +221,27 @@ def reference_normalise_then_average(old: Curvature, new_h, new_s, k: int,
 # Stage 3: keep a layer's previous curvature if anything new is not finite.
 
 
-def keep_finite(new: Curvature, old: Curvature):
-  """``(new or old, finite)``: ``old`` where any entry of ``new`` is NaN/Inf.
+def keep_finite(new: Curvature, old: Curvature, checked=None):
+  """``(new or old, finite)``: ``old`` where any checked entry is NaN/Inf.
 
-  Checks everything the preconditioner reads (``h``, ``s``, ``scale``,
-  ``shift``), not only the raw statistics; the casts keep the state's dtypes
-  (both ``lax.cond`` branches must agree).
+  Args:
+    new: a layer's new curvature.
+    old: its previous (finite) curvature.
+    checked: the arrays whose finiteness implies ``new``'s; default every
+      leaf of ``new``. :func:`refresh_curvature` passes ``h``, ``scale``,
+      ``shift`` and the one-row output-side terms averaged into ``s``: a
+      convex (or smaller) combination of the finite previous ``s`` and
+      finite terms is finite, and a pass over the kernel-sized ``s`` on every
+      refresh costs 5% of an MLP's step.
+
+  Returns:
+    ``(curvature, finite)``; the casts keep the state's dtypes (both
+    ``lax.cond`` branches must agree).
   """
+  if checked is None:
+    checked = new
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                              for x in jax.tree.leaves(new)]))
+                              for x in jax.tree.leaves(checked)]))
   kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype),
                       new, old)
   return kept, finite
@@ -264,9 +277,11 @@ def refresh_curvature(layer_stats, layers: dict[str, dict[str, int]],
     st = layer_stats[key]
     new_h, new_s, normalise_h = layer_factors(st, old, names, reference,
                                               axis_name)
-    new = combine(old, new_h, new_s, st.meta.stack_ndim, fisher_decay, eps,
-                  normalise_h)
-    new, finite = keep_finite(new, old)
+    k = st.meta.stack_ndim
+    new = combine(old, new_h, new_s, k, fisher_decay, eps, normalise_h)
+    s_terms = _minmax_absolute(new_s, k, eps) if reference else new_s
+    new, finite = keep_finite(new, old,
+                              (new.h, new.scale, new.shift, s_terms))
     bad = bad | ~finite
     for j, i in enumerate(idx):
       h[i], s[i], scale[i], shift[i] = (x[j] for x in new)
