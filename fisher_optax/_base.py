@@ -374,7 +374,10 @@ def with_l2(preconditioner: optax.GradientTransformation,
   The L2 term maps ``updates`` against ``params`` before the preconditioner
   can compare them with its state, so the structures are compared first:
   a mismatch names the first differing path instead of failing inside optax.
+  A constant ``learning_rate`` must be finite and ``weight_decay`` >= 0.
   """
+  check_hyperparams(where, finite={'learning_rate': learning_rate},
+                    nonnegative={'weight_decay': weight_decay})
   tx = optax.chain(
       add_decayed_weights(weight_decay, mask),
       preconditioner,

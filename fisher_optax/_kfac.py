@@ -245,10 +245,6 @@ def kfac(
     Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for
     convolution layers <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
   """
-  _base.check_hyperparams(
-      'ekfac' if eigen_correction else 'kfac',
-      finite={'learning_rate': learning_rate},
-      nonnegative={'weight_decay': weight_decay})
   if l2_in_damping:
     damping = damping + weight_decay
   return _base.with_l2(

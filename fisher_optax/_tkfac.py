@@ -253,10 +253,6 @@ def tkfac(
     Kronecker-Factored Approximation to Natural Gradient
     <https://arxiv.org/abs/2011.10741>`_, AAAI 2021.
   """
-  _base.check_hyperparams(
-      'tekfac' if eigen_correction else 'tkfac',
-      finite={'learning_rate': learning_rate},
-      nonnegative={'weight_decay': weight_decay})
   if l2_in_damping:
     damping = damping + weight_decay
   return _base.with_l2(
