@@ -430,7 +430,8 @@ def plot(task: str, records: list[Record], rows: dict[str, dict[str, Any]],
 
 
 def write_task(task: str, records: list[Record], steps: int, ignored: int,
-               results_dir: str) -> dict[str, dict[str, Any]]:
+               results_dir: str, timed: dict[str, Any] | None = None
+               ) -> dict[str, dict[str, Any]]:
   """Writes ``<task>.md`` and its two plots; returns :func:`analyse`'s."""
   rows = analyse(task, records)
   for x_axis, suffix in (('step', 'steps'), ('seconds', 'seconds')):
@@ -450,6 +451,16 @@ def write_task(task: str, records: list[Record], steps: int, ignored: int,
   if ignored:
     lines.append(f'{ignored} cached runs of another budget (steps, '
                  'seconds or size) were ignored.')
+  if timed:
+    lines.append(
+        'Seconds are those of a side-by-side step-time profile '
+        f'(`python benchmarks/convergence.py --timing --task {task}`: '
+        f'{timed["repeats"]} interleaved blocks of {timed["period"]} steps '
+        'per optimizer, median per step, XLA_FLAGS '
+        f'`{timed["xla_flags"]}`, {timed["date"]}) for the optimizers it '
+        'profiled ('
+        + ', '.join(f'`{s}`' for s in timed['profiles'])
+        + '); other runs keep the seconds they measured.')
   lines += [
       '',
       'Each optimizer at its best setting (lowest final validation loss of '
@@ -536,7 +547,41 @@ def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
     f.write('\n'.join(lines))
 
 
-def write_all(cache_dir: str, results_dir: str
+def _profile_seconds(profile: list[float], steps: int) -> float:
+  """Seconds of ``steps`` steps whose times repeat ``profile``."""
+  full, part = divmod(steps, len(profile))
+  return float(full * sum(profile) + sum(profile[:part]))
+
+
+def apply_timing(records: list[Record], profiles: dict[str, list[float]]
+                 ) -> int:
+  """Replaces measured seconds by those of a side-by-side step profile.
+
+  ``profiles[spec]`` holds the time of each step of one period (see
+  ``convergence.time_steps``); a run's training seconds after ``k`` steps
+  become the sum of the profile over steps ``0..k-1`` taken cyclically, and
+  its mean step time the profile's mean. Runs of specs without a profile
+  keep what they measured.
+
+  Returns:
+    how many records were changed.
+  """
+  changed = 0
+  for record in records:
+    profile = profiles.get(record['optimizer'])
+    if not profile:
+      continue
+    for part in ('curve', 'eval'):
+      record[part]['seconds'] = [_profile_seconds(profile, k)
+                                 for k in record[part]['step']]
+    record['step_seconds_mean'] = float(np.mean(profile))
+    record['step_seconds_median'] = float(np.median(profile))
+    record['timing'] = 'profile'
+    changed += 1
+  return changed
+
+
+def write_all(cache_dir: str, results_dir: str, timing_dir: str | None = None
               ) -> dict[str, dict[str, dict[str, Any]]]:
   """Writes every task's table and plots and ``summary.md``.
 
@@ -559,6 +604,13 @@ def write_all(cache_dir: str, results_dir: str
     if not records:
       continue
     kept, steps, ignored = select_budget(task, records)
-    summary[task] = write_task(task, kept, steps, ignored, results_dir)
+    timing_path = timing_dir and os.path.join(timing_dir, f'{task}.json')
+    timed = None
+    if timing_path and os.path.exists(timing_path):
+      with open(timing_path) as f:
+        timed = json.load(f)
+      apply_timing(kept, timed['profiles'])
+    summary[task] = write_task(task, kept, steps, ignored, results_dir,
+                               timed)
   write_summary(summary, os.path.join(results_dir, 'summary.md'))
   return summary

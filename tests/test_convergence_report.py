@@ -237,5 +237,17 @@ class CurveTest(absltest.TestCase):
     self.assertAlmostEqual(report.final_train_loss(r), 94.5)
 
 
+  def test_profile_seconds_against_loop(self):
+    profile = [0.5, 0.1, 0.1, 2.0]  # a refresh every 4 steps
+    r = record()
+    other = record(optimizer='kfac')
+    report.apply_timing([r, other], {'adam': profile})
+    for k, got in zip(r['curve']['step'], r['curve']['seconds']):
+      want = sum(profile[i % len(profile)] for i in range(k))
+      self.assertAlmostEqual(got, want, places=9)
+    self.assertAlmostEqual(r['step_seconds_mean'], 0.675)
+    self.assertNotIn('timing', other)  # no profile: keeps its seconds
+
+
 if __name__ == '__main__':
   absltest.main()

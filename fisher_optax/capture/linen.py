@@ -238,10 +238,12 @@ def value_grad_and_stats(
     has_aux: whether ``loss_fn`` returns auxiliary data.
     fisher: which cotangents ``g`` the statistics get. ``'empirical'``: the
       loss's own (one backward pass, shared with the gradients).
-      ``'softmax'`` / ``'gaussian'``: a Monte-Carlo Fisher, the cotangents of
-      a batch-mean cross-entropy (or ``0.5 * squared error``) whose targets
-      are sampled from the model's own predictive distribution (categorical
-      over the last axis of the output / unit-variance Gaussian). It costs
+      ``'softmax'`` / ``'gaussian'`` / ``'bernoulli'``: a Monte-Carlo Fisher,
+      the cotangents of a batch-mean cross-entropy (or ``0.5 * squared
+      error``, or binary cross-entropy summed over the last axis) whose
+      targets are sampled from the model's own predictive distribution
+      (categorical over the last axis of the output / unit-variance
+      Gaussian / independent Bernoulli per logit). It costs
       one extra backward pass and no extra forward pass; the model output
       is that of the last ``model.apply`` in the loss, and ``step`` takes a
       ``fisher_key=`` PRNG key. The gradients are always the loss's.
@@ -266,8 +268,8 @@ def value_grad_and_stats(
   """
 
   if fisher not in ('empirical',) + SAMPLED_FISHERS:
-    raise ValueError(f'fisher must be empirical, softmax or gaussian, got '
-                     f'{fisher!r}.')
+    raise ValueError('fisher must be one of '
+                     f'{("empirical",) + SAMPLED_FISHERS}, got {fisher!r}.')
 
   def loss_only(out):
     return out[0] if has_aux else out
@@ -316,7 +318,7 @@ def value_grad_and_stats(
   return step
 
 
-SAMPLED_FISHERS = ('softmax', 'gaussian')
+SAMPLED_FISHERS = ('softmax', 'gaussian', 'bernoulli')
 
 
 def sampled_cotangent(fisher: str, output, key):
@@ -326,7 +328,10 @@ def sampled_cotangent(fisher: str, output, key):
   axis and the gradient of the mean cross-entropy,
   ``(softmax(output) - onehot(y)) / rows``. ``'gaussian'``: targets
   ``y ~ N(output, I)`` and the gradient of ``0.5 * mean_rows |output - y|^2``,
-  ``-noise / rows``. ``rows`` counts all but the last axis, as a batch-mean
+  ``-noise / rows``. ``'bernoulli'``: every output is a logit, targets
+  ``y ~ Bernoulli(sigmoid(output))`` and the gradient of the mean over rows
+  of the binary cross-entropy summed over the last axis (an autoencoder's
+  pixels), ``(sigmoid(output) - y) / rows``. ``rows`` counts all but the last axis, as a batch-mean
   loss would. In expectation over the samples the outer products of the
   resulting per-example gradients are the true Fisher of that likelihood.
   """
@@ -336,6 +341,10 @@ def sampled_cotangent(fisher: str, output, key):
     labels = jax.random.categorical(key, output, axis=-1)
     probs = jax.nn.softmax(output, axis=-1)
     return (probs - jax.nn.one_hot(labels, output.shape[-1])) / rows
+  if fisher == 'bernoulli':
+    probs = jax.nn.sigmoid(output)
+    labels = jax.random.bernoulli(key, probs).astype(output.dtype)
+    return (probs - labels) / rows
   return -jax.random.normal(key, output.shape) / rows
 
 

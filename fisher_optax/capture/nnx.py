@@ -177,7 +177,8 @@ def value_grad_and_stats(
       second model), as with ``nnx.value_and_grad``; only ``model`` is
       differentiated and captured.
     has_aux: whether ``loss_fn`` returns auxiliary data.
-    fisher: ``'empirical'``, ``'softmax'`` or ``'gaussian'``; see
+    fisher: ``'empirical'``, ``'softmax'``, ``'gaussian'`` or
+      ``'bernoulli'``; see
       :func:`fisher_optax.linen.value_grad_and_stats`. For the sampled
       Fishers the model output is what the last call of ``model`` itself
       returns, and ``step`` takes ``fisher_key=``.

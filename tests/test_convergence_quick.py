@@ -1,0 +1,34 @@
+"""CI run of ``benchmarks/convergence.py --quick``.
+
+Every optimizer of the study (kfac-jax too when the ``kfac`` extra is
+installed) takes 20 steps on every task at the quick size; the script fails
+unless each one's validation loss goes down. There is no timing
+assertion.
+"""
+
+import os
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'benchmarks'))
+import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+class ConvergenceQuickTest(parameterized.TestCase):
+
+  # One test per task, so that pytest-xdist spreads them over the workers.
+  @parameterized.parameters('autoencoder', 'cnn', 'transformer', 'regression')
+  def test_every_optimizer_reduces_the_loss(self, task):
+    self.assertEqual(convergence.main(['--quick', '--task', task]), 0)
+
+  def test_an_optimizer_that_does_not_train_fails(self):
+    # Adam with a huge eps barely moves: the check must say so.
+    failures = convergence.quick(['adam:eps=1e30'], ['regression'])
+    self.assertEqual(failures, ['regression/adam:eps=1e30'])
+
+
+if __name__ == '__main__':
+  absltest.main()
