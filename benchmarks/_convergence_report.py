@@ -29,6 +29,7 @@ Definitions (the tables repeat them in words):
 import collections
 from collections.abc import Iterable
 import glob
+import inspect
 import json
 import math
 import os
@@ -260,6 +261,59 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
   return out
 
 
+def library_damping(spec: str) -> float | None:
+  """The damping the spec's optimizer gets when the user sets none."""
+  opt = convergence.OPTIMIZERS[convergence.parse_spec(spec)[0]]
+  if not opt.curvature or opt.factory is None:
+    return None
+  param = inspect.signature(opt.factory).parameters.get('damping')
+  return None if param is None else float(param.default)
+
+
+def by_damping(records: list[Record]) -> dict[float, tuple[float, float]]:
+  """damping -> (best lr, its final validation loss) over seed-0 runs."""
+  out = {}
+  for r in records:
+    if r['seed'] != 0 or r['damping'] is None:
+      continue
+    got = (convergence.score(r), r['lr'])
+    if r['damping'] not in out or got < out[r['damping']][::-1]:
+      out[r['damping']] = (r['lr'], got[0])
+  return out
+
+
+def _damping_table(records: list[Record]) -> list[str]:
+  """Each curvature spec's best validation loss at every damping tried."""
+  specs = sorted({r['optimizer'] for r in records
+                  if r['damping'] is not None})
+  if not specs:
+    return []
+  dampings = sorted({r['damping'] for r in records
+                     if r['damping'] is not None})
+  lines = ['| optimizer | ' + ' | '.join(f'{d:g}' for d in dampings)
+           + ' | default / tuned |',
+           '|---|' + '---:|' * (len(dampings) + 1)]
+  for spec in specs:
+    table = by_damping([r for r in records if r['optimizer'] == spec])
+    tuned = min((v for _, v in table.values()), default=math.inf)
+    default = library_damping(spec)
+    cells = []
+    for d in dampings:
+      if d not in table:
+        cells.append(DASH)
+        continue
+      lr, val = table[d]
+      mark = ' (default)' if default is not None and math.isclose(
+          d, default) else ''
+      cells.append(f'{_sig(val)} @ {lr:g}{mark}')
+    at_default = table.get(default, (None, math.inf))[1] if default else None
+    gap = (DASH if at_default is None else 'diverged'
+           if not math.isfinite(at_default) else
+           f'{at_default / tuned - 1:+.1%}')
+    lines.append(f'| {spec} | ' + ' | '.join(cells) + f' | {gap} |')
+  return lines
+
+
 # ---------------------------------------------------------------------------
 # Formatting.
 
@@ -482,8 +536,15 @@ def write_task(task: str, records: list[Record], steps: int, ignored: int,
               *_table(task, variants)]
   lines += ['', '## Curves', '',
             f'![{task}: loss against steps]({task}_steps.png)', '',
-            f'![{task}: loss against seconds]({task}_seconds.png)', '',
-            '## Sweep', '',
+            f'![{task}: loss against seconds]({task}_seconds.png)', '']
+  damping = _damping_table(records)
+  if damping:
+    lines += ['## Damping', '',
+              'Final validation loss (seed 0) at the best learning rate of '
+              'each damping tried, and how far the library\'s default '
+              'damping (with its best learning rate) lands from the tuned '
+              'setting.', '', *damping, '']
+  lines += ['## Sweep', '',
             'Every seed-0 run; * marks the chosen setting.', '',
             *_sweep_table(records, rows), '']
   with open(os.path.join(results_dir, f'{task}.md'), 'w') as f:

@@ -7,12 +7,13 @@ For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
    the task's centre for that optimizer's family) at the optimizer's default
    settings, widening the grid while the best value lies at an edge (up to 3
    times per side, and below the grid while every value diverges);
-2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 at that
-   learning rate besides the default 1e-3 (and 1e-4 while the smallest
-   tried damping wins); if another damping than the default wins, sweeps the
-   learning rate again over 3 values around the best one at that damping,
-   widened the same way (the two interact: AdaFisher's and MBF's step scales
-   like ``lr / damping`` on directions of low curvature);
+2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides the
+   default 1e-3 (and 1e-4, 1e-5, ... while the smallest tried damping
+   wins), each with its own 3-value learning-rate sweep (widened the same
+   way) that starts half a decade of learning rate higher per decade of
+   damping: on directions of low curvature the step scales like
+   ``lr / damping``, so a fixed learning rate would bias the search towards
+   the default damping;
 3. reruns the best setting with seeds 1 and 2 (seed 0 is the sweep's).
 
 "Best" is the lowest validation loss at the end of the run; a run whose
@@ -79,7 +80,7 @@ STEPS = {'autoencoder': 300, 'cnn': 400, 'transformer': 200,
          'regression': 1000}
 QUICK_STEPS = 20
 MIN_DECREASE = 1e-3
-DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_DAMPING = 1e-3
 MAX_WIDEN = 3
 MAX_BLOCKS = 200
@@ -458,18 +459,24 @@ class Study:
     if not opt.curvature:
       return self.sweep_lr(spec, centre, None), None
     lr = self.sweep_lr(spec, centre, DEFAULT_DAMPING)
+    found = {DEFAULT_DAMPING: lr}
     tried = {DEFAULT_DAMPING: score(self.run(spec, lr, DEFAULT_DAMPING, 0))}
-    grid = [d for d in DAMPINGS if d >= DEFAULT_DAMPING]
-    while True:
-      tried.update({d: score(self.run(spec, lr, d, 0)) for d in grid})
-      damping = min(tried, key=lambda d: (tried[d], -d))
+    queue = [d for d in DAMPINGS if d > DEFAULT_DAMPING]
+    while queue:
+      damping = queue.pop(0)
+      # Low-curvature directions move like lr / damping: start half a
+      # decade of learning rate higher per decade of damping.
+      decades = round(math.log10(damping / DEFAULT_DAMPING))
+      start = lr
+      for _ in range(abs(decades)):
+        start = _half_decade(start, up=decades > 0)
+      found[damping] = self.sweep_lr(spec, start, damping, size=3)
+      tried[damping] = score(self.run(spec, found[damping], damping, 0))
       lower = [d for d in DAMPINGS if d < min(tried)]
-      if damping != min(tried) or not lower:
-        break
-      grid = [lower[-1]]
-    if damping != DEFAULT_DAMPING:
-      lr = self.sweep_lr(spec, lr, damping, size=3)
-    return lr, damping
+      if not queue and lower and min(tried, key=tried.get) == min(tried):
+        queue.append(lower[-1])
+    damping = min(tried, key=lambda d: (tried[d], -d))
+    return found[damping], damping
 
   def seeds(self, spec: str, lr, damping, seeds: int) -> list[dict]:
     return [self.run(spec, lr, damping, seed) for seed in range(seeds)]

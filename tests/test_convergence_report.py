@@ -236,7 +236,6 @@ class CurveTest(absltest.TestCase):
     # Blocks ending at 182..200 are indices 90..99.
     self.assertAlmostEqual(report.final_train_loss(r), 94.5)
 
-
   def test_profile_seconds_against_loop(self):
     profile = [0.5, 0.1, 0.1, 2.0]  # a refresh every 4 steps
     r = record()
@@ -247,6 +246,20 @@ class CurveTest(absltest.TestCase):
       self.assertAlmostEqual(got, want, places=9)
     self.assertAlmostEqual(r['step_seconds_mean'], 0.675)
     self.assertNotIn('timing', other)  # no profile: keeps its seconds
+
+  def test_damping_table_against_hand_values(self):
+    runs = [record(optimizer='kfac', lr=1e-3, damping=1e-3, val=0.5),
+            record(optimizer='kfac', lr=3e-3, damping=1e-3, val=0.4),
+            record(optimizer='kfac', lr=1e-2, damping=1e-2, val=0.2),
+            record(optimizer='kfac', lr=1e-2, damping=1e-2, val=0.1,
+                   seed=1)]  # other seeds are not part of the sweep
+    self.assertEqual(report.by_damping(runs),
+                     {1e-3: (3e-3, 0.4), 1e-2: (1e-2, 0.2)})
+    self.assertEqual(report.library_damping('kfac:stats_every=5'), 1e-3)
+    self.assertIsNone(report.library_damping('adam'))
+    table = report._damping_table(runs)  # pylint: disable=protected-access
+    self.assertEqual(table[-1], '| kfac | 0.4000 @ 0.003 (default) | '
+                     '0.2000 @ 0.01 | +100.0% |')
 
 
 if __name__ == '__main__':
