@@ -8,10 +8,10 @@ For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
    settings, widening the grid while the best value lies at an edge (up to 3
    times per side, and below the grid while every value diverges);
 2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides the
-   default 1e-3 (and 1e-4, 1e-5, ... while the smallest tried damping
-   wins), each with its own 3-value learning-rate sweep (widened the same
-   way) that starts half a decade of learning rate higher per decade of
-   damping: on directions of low curvature the step scales like
+   default 1e-3 (and 1e-4, 1e-5 while the smallest tried damping wins, 1.0
+   if 1e-1 wins), each with its own 3-value learning-rate sweep (widened
+   the same way) that starts half a decade of learning rate higher per
+   decade of damping: on directions of low curvature the step scales like
    ``lr / damping``, so a fixed learning rate would bias the search towards
    the default damping;
 3. reruns the best setting with seeds 1 and 2 (seed 0 is the sweep's).
@@ -80,7 +80,7 @@ STEPS = {'autoencoder': 300, 'cnn': 400, 'transformer': 200,
          'regression': 1000}
 QUICK_STEPS = 20
 MIN_DECREASE = 1e-3
-DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_DAMPING = 1e-3
 MAX_WIDEN = 3
 MAX_BLOCKS = 200
@@ -461,7 +461,7 @@ class Study:
     lr = self.sweep_lr(spec, centre, DEFAULT_DAMPING)
     found = {DEFAULT_DAMPING: lr}
     tried = {DEFAULT_DAMPING: score(self.run(spec, lr, DEFAULT_DAMPING, 0))}
-    queue = [d for d in DAMPINGS if d > DEFAULT_DAMPING]
+    queue = [d for d in DAMPINGS if DEFAULT_DAMPING < d < 1.0]
     while queue:
       damping = queue.pop(0)
       # Low-curvature directions move like lr / damping: start half a
@@ -472,9 +472,14 @@ class Study:
         start = _half_decade(start, up=decades > 0)
       found[damping] = self.sweep_lr(spec, start, damping, size=3)
       tried[damping] = score(self.run(spec, found[damping], damping, 0))
+      # Go on past the edge while an edge wins.
+      winner = min(tried, key=tried.get)
       lower = [d for d in DAMPINGS if d < min(tried)]
-      if not queue and lower and min(tried, key=tried.get) == min(tried):
+      higher = [d for d in DAMPINGS if d > max(tried)]
+      if not queue and lower and winner == min(tried):
         queue.append(lower[-1])
+      elif not queue and higher and winner == max(tried):
+        queue.append(higher[0])
     damping = min(tried, key=lambda d: (tried[d], -d))
     return found[damping], damping
 
