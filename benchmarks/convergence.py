@@ -57,6 +57,7 @@ import argparse
 from collections.abc import Callable
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -147,6 +148,24 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
       value = {'True': True, 'False': False, 'None': None}.get(value, value)
     settings[key] = value
   return name, settings
+
+
+def resolved_defaults(spec: str) -> dict[str, str]:
+  """The factory's defaults that ``spec`` leaves unset, as text.
+
+  A cached run stores them; a run cached under other defaults (the library
+  changed one since) is stale and trained again.
+  """
+  name, settings = parse_spec(spec)
+  factory = OPTIMIZERS[name].factory
+  if factory is None:
+    return {}
+  skip = {'learning_rate', 'damping', 'layers', 'loss_reduction', 'mask',
+          'axis_name'}
+  return {k: repr(p.default)
+          for k, p in inspect.signature(factory).parameters.items()
+          if k not in skip and k not in settings
+          and p.default is not inspect.Parameter.empty}
 
 
 def _half_decade(lr: float, up: bool) -> float:
@@ -407,9 +426,12 @@ class Study:
     config = config_of(self.task.name, spec, lr, damping, seed, self.steps,
                        self.budget_seconds, self.size)
     path = cache_path(self.cache_dir, config) if self.cache_dir else None
+    defaults = resolved_defaults(spec)
     if path and os.path.exists(path):
       with open(path) as f:
-        return json.load(f)
+        cached = json.load(f)
+      if cached.get('defaults', defaults) == defaults:
+        return cached
     name, settings = parse_spec(spec)
     task = self._task_for(settings)
     if spec not in self._compiled:
@@ -418,7 +440,7 @@ class Study:
     record = dict(config, **run_one(task, self._compiled[spec], lr, damping,
                                     seed, self.steps, self.budget_seconds))
     record.update(
-        jax=jax.__version__, backend=jax.default_backend(),
+        defaults=defaults, jax=jax.__version__, backend=jax.default_backend(),
         machine=platform.processor() or platform.machine(),
         xla_flags=os.environ.get('XLA_FLAGS', ''),
         batch_size=task.batch_size,

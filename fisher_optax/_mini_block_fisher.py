@@ -305,7 +305,7 @@ def scale_by_mini_block_fisher(
     stats_every: int = 1,
     inverse_every: int = 20,
     block_size: int | None = None,
-    dense_blocks: str = 'average',
+    dense_blocks: str = 'chunks',
     inverse_method: str = 'inv',
     fallback: str = 'adam',
     fallback_b2: jax.typing.ArrayLike = 0.999,
@@ -412,7 +412,7 @@ def mini_block_fisher(
     stats_every: int = 1,
     inverse_every: int = 20,
     block_size: int | None = None,
-    dense_blocks: str = 'average',
+    dense_blocks: str = 'chunks',
     inverse_method: str = 'inv',
     fallback: str = 'adam',
     fallback_b2: jax.typing.ArrayLike = 0.999,
@@ -434,21 +434,22 @@ def mini_block_fisher(
     (:math:`k \times k` matrices, :math:`C_{in} C_{out}` of them);
   * dense kernel ``(I, O)`` with its bias as an extra row,
     :math:`\tilde G = [\nabla W; \nabla b] \in \mathbb{R}^{(I+1) \times O}`:
-    one block per row :math:`\tilde g_r` (per input unit, the blocking the
-    paper's text describes). With ``dense_blocks='average'`` all rows share
-    one matrix, :math:`S = \tilde G^\top \tilde G / (I+1)`; with
-    ``'column'`` each row keeps its own :math:`\tilde g_r \tilde g_r^\top`
-    (memory :math:`(I+1) O^2`). What has been verified against the released
-    code is that its "Avg" computes ``'chunks'``: the same average over
-    :math:`I+1` vectors of length :math:`O`, but the vectors are runs of
-    :math:`O` consecutive entries of :math:`\tilde G^\top` flattened row by
-    row, so each mixes several units. The released presets
-    were tuned with it; a mean gradient :math:`\tilde G` is close to rank
-    one, so the true-row average has almost all eigenvalues below
-    :math:`\lambda` and needs a much larger damping (see
-    ``docs/mini_block_fisher.md``). ``block_size`` keeps only the diagonal
-    blocks of that size along the output axis: 1 is a diagonal, ``None``
-    (or :math:`O`) the full output-side block.
+    blocks of :math:`O` entries sharing one matrix. The default
+    ``dense_blocks='chunks'`` is what the released code's "Avg" computes:
+    the average over :math:`I+1` vectors of length :math:`O` that are runs
+    of :math:`O` consecutive entries of :math:`\tilde G^\top` flattened
+    row by row, so each mixes several units. ``'average'`` averages the
+    true rows :math:`\tilde g_r` (per input unit, the blocking the paper's
+    text describes), :math:`S = \tilde G^\top \tilde G / (I+1)`;
+    ``'column'`` keeps one :math:`\tilde g_r \tilde g_r^\top` per row
+    (memory :math:`(I+1) O^2`). A mean gradient :math:`\tilde G` is close
+    to rank one, so the true-row average has almost all eigenvalues below
+    :math:`\lambda`: in ``benchmarks/convergence.py`` it trained the MNIST
+    autoencoder to a test BCE of 141 at its best damping (0.1) against 79
+    for ``'chunks'`` and 87 for Adam (see ``docs/choosing.md``).
+    ``block_size`` keeps only the diagonal blocks of that size along the
+    output axis: 1 is a diagonal, ``None`` (or :math:`O`) the full
+    output-side block.
 
   Every step
 

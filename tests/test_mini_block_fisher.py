@@ -101,7 +101,7 @@ def _reference_blocks(g, block_size, dense_blocks, fallback):
 
 
 def _reference(grads_seq, *, damping, decay, momentum, stats_every,
-               inverse_every, block_size=None, dense_blocks='average',
+               inverse_every, block_size=None, dense_blocks='chunks',
                fallback='adam', b2=0.999, eps=1e-8, warm=None):
   """MBF written as the paper's Algorithm box, one block at a time."""
   flat_seq = [_flat(g) for g in grads_seq]
@@ -422,7 +422,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
         **_KW, layers=jax.eval_shape(step_fn, params, x)[2])
     state = tx.init(params)
     (key,) = state.stats
-    self.assertEqual(state.stats[key]['average'].shape, (1, 6, 6))
+    self.assertEqual(state.stats[key]['chunks'].shape, (1, 6, 6))
     updates, _ = tx.update(grads, state, layer_stats=stats)
     flat = {'kernel': grads['DenseGeneral_0']['kernel'].reshape(5, 6),
             'bias': grads['DenseGeneral_0']['bias'].reshape(6)}

@@ -239,7 +239,7 @@ class NonFiniteTest(parameterized.TestCase):
     state = fo.mini_block_fisher_warm_start(tx.init(params), [g[0], bad])
     clean = fo.mini_block_fisher_warm_start(tx.init(params), g)
     chex.assert_tree_all_finite(state)
-    np.testing.assert_array_equal(state.stats['Dense_0']['average'], 0.0)
+    np.testing.assert_array_equal(state.stats['Dense_0']['chunks'], 0.0)
     _trees_close(state.stats['Conv_0'], clean.stats['Conv_0'])
     self.assertGreaterEqual(int(state.nonfinite), 1)
 

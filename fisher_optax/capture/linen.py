@@ -331,9 +331,10 @@ def sampled_cotangent(fisher: str, output, key):
   ``-noise / rows``. ``'bernoulli'``: every output is a logit, targets
   ``y ~ Bernoulli(sigmoid(output))`` and the gradient of the mean over rows
   of the binary cross-entropy summed over the last axis (an autoencoder's
-  pixels), ``(sigmoid(output) - y) / rows``. ``rows`` counts all but the last axis, as a batch-mean
-  loss would. In expectation over the samples the outer products of the
-  resulting per-example gradients are the true Fisher of that likelihood.
+  pixels), ``(sigmoid(output) - y) / rows``. ``rows`` counts all but the
+  last axis, as a batch-mean loss would. In expectation over the samples
+  the outer products of the resulting per-example gradients are the true
+  Fisher of that likelihood.
   """
   output = jax.lax.stop_gradient(output).astype(jnp.float32)
   rows = max(1, output.size // output.shape[-1])
