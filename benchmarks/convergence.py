@@ -570,7 +570,7 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
                                                           task_name))
   kept, _, _ = _convergence_report.select_budget(task_name, records)
   settings = {}
-  for spec in specs:
+  for spec in specs or sorted({r['optimizer'] for r in kept}):
     mine = [r for r in kept if r['optimizer'] == spec]
     if mine:
       best, _ = _convergence_report.best_setting(mine)
@@ -676,8 +676,9 @@ def main(argv=None) -> int:
     return 0
   if args.timing:
     for task_name in tasks:
+      # Without --optimizers: every spec the cache has runs of.
       timing(task_name, args.cache, os.path.join(RESULTS, 'timing'),
-             optimizers, args.period, args.repeats)
+             args.optimizers and optimizers, args.period, args.repeats)
     return 0
   print(f'JAX {jax.__version__} on {jax.default_backend()}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
