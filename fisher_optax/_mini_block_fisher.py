@@ -298,7 +298,7 @@ def _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
 
 
 def scale_by_mini_block_fisher(
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 1e-4,
     fisher_decay: jax.typing.ArrayLike = 0.9,
     momentum: jax.typing.ArrayLike = 0.9,
     *,
@@ -403,8 +403,8 @@ def scale_by_mini_block_fisher(
 
 
 def mini_block_fisher(
-    learning_rate: optax.ScalarOrSchedule = 1e-4,
-    damping: jax.typing.ArrayLike = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-5,
+    damping: jax.typing.ArrayLike = 1e-4,
     fisher_decay: jax.typing.ArrayLike = 0.9,
     momentum: jax.typing.ArrayLike = 0.9,
     weight_decay: jax.typing.ArrayLike = 0.0,
