@@ -356,7 +356,7 @@ def _captured_layers(assignments, paths) -> dict[str, dict[str, int]]:
 
 def scale_by_adafisher(
     b1: jax.typing.ArrayLike = 0.9,
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 0.1,
     fisher_decay: jax.typing.ArrayLike = 0.8,
     eps: jax.typing.ArrayLike = 1e-6,
     *,
@@ -532,7 +532,7 @@ Examples:
   >>> params = model.init(jax.random.key(1), x)['params']
   >>> loss_fn = lambda p: jnp.mean((model.apply({{'params': p}}, x) - y) ** 2)
   >>> step_fn = fo.linen.value_grad_and_stats(loss_fn)
-  >>> tx = fo.{name}(learning_rate=1e-4)
+  >>> tx = fo.{name}(learning_rate=1e-2)
   >>> opt_state = tx.init(params)
   >>> @jax.jit
   ... def step(params, opt_state):
@@ -552,9 +552,9 @@ References:
 
 
 def adafisher(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
     b1: jax.typing.ArrayLike = 0.9,
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 0.1,
     fisher_decay: jax.typing.ArrayLike = 0.8,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: jax.typing.ArrayLike = 0.0,
@@ -582,9 +582,9 @@ def adafisher(
 
 
 def adafisherw(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
     b1: jax.typing.ArrayLike = 0.9,
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 0.1,
     fisher_decay: jax.typing.ArrayLike = 0.8,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: jax.typing.ArrayLike = 1e-2,
