@@ -71,7 +71,7 @@ KFAC = _kronecker.Algorithm(
 
 
 def scale_by_kfac(
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
     *,
@@ -104,7 +104,7 @@ def scale_by_kfac(
 
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
     weight_decay: jax.typing.ArrayLike = 0.0,

@@ -88,7 +88,7 @@ TKFAC = _algorithm('normal')
 
 
 def scale_by_tkfac(
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
     *,
@@ -125,7 +125,7 @@ def scale_by_tkfac(
 
 def tkfac(
     learning_rate: optax.ScalarOrSchedule,
-    damping: jax.typing.ArrayLike = 1e-3,
+    damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
     weight_decay: jax.typing.ArrayLike = 0.0,
