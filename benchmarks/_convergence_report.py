@@ -333,14 +333,22 @@ def _hyper(x: float | None) -> str:
   return DASH if x is None else f'{x:.3g}'
 
 
-def _reach_cell(row: dict[str, Any], which: str) -> str:
-  """``'312 (0.62)'``, ``'... 2/3'``, ``'never'`` or ``'diverged'``."""
+def _no_reach(row: dict[str, Any]) -> str | None:
+  """Why a row has no steps to the target, or None when it has them."""
   if row['diverged']:
     return 'diverged'
   if row['target'] is None:
     return DASH
   if not row['reached']:
     return 'never'
+  return None
+
+
+def _reach_cell(row: dict[str, Any], which: str) -> str:
+  """``'312 (0.62)'``, ``'... 2/3'``, ``'never'`` or ``'diverged'``."""
+  status = _no_reach(row)
+  if status:
+    return status
   value = row[which]
   text = (f'{value:.4g}' if which == 'steps' else _sig(value, 3))
   ratio = row[f'{which}_ratio']
@@ -556,12 +564,9 @@ def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
   if spec not in rows:
     return DASH
   row = rows[spec]
-  if row['diverged']:
-    return 'diverged'
-  if row['target'] is None:
-    return DASH
-  if not row['reached']:
-    return 'never'
+  status = _no_reach(row)
+  if status:
+    return status
   ratios = ' / '.join(DASH if r is None else f'{r:.2f}'
                       for r in (row['steps_ratio'], row['seconds_ratio']))
   if row['reached'] < row['seeds']:

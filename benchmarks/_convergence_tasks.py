@@ -94,6 +94,11 @@ class Task:
       default_factory=dict)
 
 
+def _initialiser(model: nn.Module, example) -> Callable[[int], Any]:
+  """``init(seed)``: the model's parameters from ``key(seed)``."""
+  return lambda seed: model.init(jax.random.key(seed), example)['params']
+
+
 def _chunked_mean(sums_fn, x, y, chunk: int) -> tuple[float, ...]:
   """Sums of ``sums_fn`` over chunks of ``(x, y)``, divided by ``len(x)``."""
   total = None
@@ -173,8 +178,7 @@ def autoencoder(size: str, batch_size: int | None = None) -> Task:
   return Task(
       name='autoencoder', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
-      init=lambda seed: model.init(jax.random.key(seed),
-                                   splits['train'][0][:1])['params'],
+      init=_initialiser(model, splits['train'][0][:1]),
       batches=batches, evaluate=evaluate, metric='loss',
       metric_name='test BCE (summed over pixels)',
       sampled_fisher='bernoulli',
@@ -220,8 +224,7 @@ def cnn(size: str, batch_size: int | None = None) -> Task:
   return Task(
       name='cnn', model=model, loss_fn=loss_fn, batch_size=batch_size,
       loss_reduction='mean',
-      init=lambda seed: model.init(jax.random.key(seed),
-                                   splits['train'][0][:1])['params'],
+      init=_initialiser(model, splits['train'][0][:1]),
       batches=lambda seed: _mnist_data.batches(*splits['train'], batch_size,
                                                seed),
       evaluate=evaluate, metric='accuracy', metric_name='test accuracy',
@@ -326,8 +329,7 @@ def transformer(size: str, batch_size: int | None = None) -> Task:
   return Task(
       name='transformer', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
-      init=lambda seed: model.init(jax.random.key(seed),
-                                   held['test'][0][:1])['params'],
+      init=_initialiser(model, held['test'][0][:1]),
       batches=batches, evaluate=evaluate, metric='bits_per_char',
       metric_name='test bits per character', sampled_fisher='softmax',
       kfac_jax_loss=None,
@@ -401,8 +403,7 @@ def regression(size: str, batch_size: int | None = None,
   return Task(
       name='regression', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
-      init=lambda seed: model.init(jax.random.key(seed),
-                                   x['train'][:1])['params'],
+      init=_initialiser(model, x['train'][:1]),
       batches=batches, evaluate=evaluate, metric='loss',
       metric_name='test mean squared error', sampled_fisher='gaussian',
       kfac_jax_loss=kfac_jax_loss,

@@ -255,11 +255,16 @@ class CurveTest(absltest.TestCase):
                    seed=1)]  # other seeds are not part of the sweep
     self.assertEqual(report.by_damping(runs),
                      {1e-3: (3e-3, 0.4), 1e-2: (1e-2, 0.2)})
-    self.assertEqual(report.library_damping('kfac:stats_every=5'), 1e-3)
+    self.assertEqual(report.library_damping('kfac:stats_every=5'), 1e-2)
     self.assertIsNone(report.library_damping('adam'))
     table = report._damping_table(runs)  # pylint: disable=protected-access
-    self.assertEqual(table[-1], '| kfac | 0.4000 @ 0.003 (default) | '
-                     '0.2000 @ 0.01 | +100.0% |')
+    self.assertEqual(table[-1], '| kfac | 0.4000 @ 0.003 | '
+                     '0.2000 @ 0.01 (default) | +0.0% |')
+    # With the default's best above the tuned one, the gap is positive.
+    runs[2]['final']['validation']['loss'] = 0.5
+    table = report._damping_table(runs)  # pylint: disable=protected-access
+    self.assertEqual(table[-1], '| kfac | 0.4000 @ 0.003 | '
+                     '0.5000 @ 0.01 (default) | +25.0% |')
 
 
 if __name__ == '__main__':

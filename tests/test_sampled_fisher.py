@@ -35,6 +35,20 @@ def _setup(batch=8):
   return model, x, y, params, loss
 
 
+def _mean_last_factor(fisher, seed, batch=16, keys=400):
+  """Output-side factor ``B * sum g g^T`` averaged over ``keys`` samples."""
+  model, x, y, params, loss = _setup(batch=batch)
+  step = fo.linen.value_grad_and_stats(loss, fisher=fisher)
+
+  def last_factor(key):
+    g = step(params, x, y, fisher_key=key)[2]['out'].g[0] * batch
+    return g.T @ g / batch
+
+  keys = jax.random.split(jax.random.key(seed), keys)
+  got = jnp.mean(jax.jit(jax.vmap(last_factor))(keys), 0)
+  return got, model.apply({'params': params}, x)
+
+
 class SampledFisherTest(parameterized.TestCase):
 
   @parameterized.parameters('softmax', 'gaussian', 'bernoulli')
@@ -66,32 +80,16 @@ class SampledFisherTest(parameterized.TestCase):
 
   def test_softmax_sampled_factor_matches_true_fisher_in_expectation(self):
     """mean over keys of B * sum g g^T -> mean_n diag(p_n) - p_n p_n^T."""
-    model, x, y, params, loss = _setup(batch=16)
-    step = fo.linen.value_grad_and_stats(loss, fisher='softmax')
-
-    def last_factor(key):
-      g = step(params, x, y, fisher_key=key)[2]['out'].g[0] * 16
-      return g.T @ g / 16
-
-    keys = jax.random.split(jax.random.key(4), 400)
-    got = jnp.mean(jax.jit(jax.vmap(last_factor))(keys), 0)
-    p = jax.nn.softmax(model.apply({'params': params}, x))
+    got, logits = _mean_last_factor('softmax', seed=4)
+    p = jax.nn.softmax(logits)
     want = jnp.mean(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p), 0)
     # 6400 samples: the Monte-Carlo error is ~1/80 of the entries' scale.
     np.testing.assert_allclose(got, want, atol=0.02)
 
   def test_bernoulli_sampled_factor_matches_true_fisher_in_expectation(self):
     """mean over keys of B * sum g g^T -> mean_n diag(p_n (1 - p_n))."""
-    model, x, y, params, loss = _setup(batch=16)
-    step = fo.linen.value_grad_and_stats(loss, fisher='bernoulli')
-
-    def last_factor(key):
-      g = step(params, x, y, fisher_key=key)[2]['out'].g[0] * 16
-      return g.T @ g / 16
-
-    keys = jax.random.split(jax.random.key(5), 400)
-    got = jnp.mean(jax.jit(jax.vmap(last_factor))(keys), 0)
-    p = jax.nn.sigmoid(model.apply({'params': params}, x))
+    got, logits = _mean_last_factor('bernoulli', seed=5)
+    p = jax.nn.sigmoid(logits)
     want = jnp.diag(jnp.mean(p * (1 - p), 0))
     # 6400 samples of entries of variance <= 1/16: error ~0.003 at most.
     np.testing.assert_allclose(got, want, atol=0.02)
