@@ -7,13 +7,13 @@ For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
    the task's centre for that optimizer's family) at the optimizer's default
    settings, widening the grid while the best value lies at an edge (up to 3
    times per side, and below the grid while every value diverges);
-2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides the
-   default 1e-3 (and 1e-4, 1e-5 while the smallest tried damping wins, 1.0
-   if 1e-1 wins), each with its own 3-value learning-rate sweep (widened
-   the same way) that starts half a decade of learning rate higher per
-   decade of damping: on directions of low curvature the step scales like
-   ``lr / damping``, so a fixed learning rate would bias the search towards
-   the default damping;
+2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides
+   1e-3 (every method's default before this study; and 1e-4, 1e-5 while
+   the smallest tried damping wins, 1.0 if 1e-1 wins), each with its own
+   3-value learning-rate sweep (widened the same way) that starts half a
+   decade of learning rate higher per decade of damping: on directions of
+   low curvature the step scales like ``lr / damping``, so a fixed
+   learning rate would bias the search towards 1e-3;
 3. reruns the best setting with seeds 1 and 2 (seed 0 is the sweep's).
 
 "Best" is the lowest validation loss at the end of the run; a run whose
