@@ -4,9 +4,10 @@ For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
 ``transformer``, ``regression``) and each optimizer, the script
 
 1. sweeps the learning rate over 5 half-decade values (1, 3, 10, ... around
-   the task's centre for that optimizer's family) at the optimizer's default
-   settings, widening the grid while the best value lies at an edge (up to 3
-   times per side, and below the grid while every value diverges);
+   the task's centre for that optimizer's family) at damping 1e-3 and the
+   optimizer's other defaults, widening the grid while the best value lies
+   at an edge (up to 3 times per side, and below the grid while every value
+   diverges);
 2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides
    1e-3 (every method's default before this study; and 1e-4, 1e-5 while
    the smallest tried damping wins, 1.0 if 1e-1 wins), each with its own
@@ -40,8 +41,11 @@ sampled Fisher, ``sampled``), ``warmup`` (linear learning-rate warm-up
 steps) and ``batch_size``. Such variants are how the investigation of
 ``docs/choosing.md`` was run.
 
-Timings are for whatever machine runs the study; the committed results were
-measured with one XLA thread per run (``XLA_FLAGS=
+Timings are for whatever machine runs the study. Runs record the seconds
+they took, which other work on the machine inflates; ``--timing`` (on a quiet
+machine) profiles every cached spec's best setting side by side, and the
+report then uses those profiles for every run of the spec. The committed
+results were measured with one XLA thread per run (``XLA_FLAGS=
 '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'``),
 two runs at a time pinned to separate cores.
 
