@@ -538,10 +538,12 @@ def time_steps(task: tasks_lib.Task, settings: dict[str, tuple],
   states = {}
   for spec, (lr, damping) in settings.items():
     name, opts = parse_spec(spec)
-    compiled = build(task, name, opts)
-    params = task.init(0)
+    spec_task = (task if 'batch_size' not in opts else tasks_lib.TASKS[
+        task.name]('full', batch_size=int(opts['batch_size'])))
+    compiled = build(spec_task, name, opts)
+    params = spec_task.init(0)
     opt_state = compiled.init(params, lr, damping)
-    states[spec] = [compiled, params, opt_state, task.batches(0), 0]
+    states[spec] = [compiled, params, opt_state, spec_task.batches(0), 0]
     _time_block(states[spec], period)  # compiles and warms up
   times = {spec: [] for spec in settings}
   for rep in range(repeats):
@@ -583,11 +585,16 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
   profiles = time_steps(task, settings, period, repeats)
   path = os.path.join(out_dir, f'{task_name}.json')
   os.makedirs(out_dir, exist_ok=True)
+  saved = {'settings': {}, 'profiles': {}}
+  if os.path.exists(path):  # profiles of other specs stay
+    with open(path) as f:
+      saved = json.load(f)
   with open(path, 'w') as f:
     json.dump({'task': task_name, 'period': period, 'repeats': repeats,
                'xla_flags': os.environ.get('XLA_FLAGS', ''),
                'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-               'settings': settings, 'profiles': profiles}, f, indent=1)
+               'settings': {**saved['settings'], **settings},
+               'profiles': {**saved['profiles'], **profiles}}, f, indent=1)
   for spec, prof in profiles.items():
     print(f'  {task_name} {spec}: {np.mean(prof) * 1e3:.2f} ms per step '
           f'(median step {np.median(prof) * 1e3:.2f} ms)', flush=True)
