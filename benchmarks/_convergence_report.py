@@ -306,7 +306,8 @@ def _damping_table(records: list[Record]) -> list[str]:
       mark = ' (default)' if default is not None and math.isclose(
           d, default) else ''
       cells.append(f'{_sig(val)} @ {lr:g}{mark}')
-    at_default = table.get(default, (None, math.inf))[1] if default else None
+    # Not run at the default damping (or no damping): no gap to show.
+    at_default = table[default][1] if default in table else None
     gap = (DASH if at_default is None else 'diverged'
            if not math.isfinite(at_default) else
            f'{at_default / tuned - 1:+.1%}')
