@@ -50,7 +50,7 @@ class ApiTest(parameterized.TestCase):
     y = jnp.sum(x, axis=1, keepdims=True)
     loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
     step_fn = fo.nnx.value_grad_and_stats(loss_fn)
-    optimizer = nnx.Optimizer(model, fo.adafisher(1e-4), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, fo.adafisher(1e-2), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
@@ -105,11 +105,16 @@ class MultiDeviceTest(absltest.TestCase):
                              in_specs=(P(), P(), P('data'), P('data')),
                              out_specs=(P(), P()), check_vma=False)(
                                  p, state, x, y)
-      for make in (lambda **kw: fo.adafisher(1e-3, stats_every=2, **kw),
-                   lambda **kw: fo.kfac(0.05, inverse_every=2, **kw),
-                   lambda **kw: fo.tkfac(0.05, inverse_every=2, **kw),
+      # Dampings fixed (not the defaults): a smaller damping amplifies the
+      # all-reduce's rounding beyond what this float32 comparison allows.
+      for make in (lambda **kw: fo.adafisher(1e-3, damping=1e-3,
+                                             stats_every=2, **kw),
+                   lambda **kw: fo.kfac(0.05, damping=1e-3, inverse_every=2,
+                                        **kw),
+                   lambda **kw: fo.tkfac(0.05, damping=1e-3, inverse_every=2,
+                                         **kw),
                    lambda **kw: fo.mini_block_fisher(
-                       0.01, inverse_every=2, **kw)):
+                       0.01, damping=1e-3, inverse_every=2, **kw)):
         a = run(make(), single)
         b = run(make(axis_name='data'), sharded)
         jax.tree.map(lambda u, v: np.testing.assert_allclose(
