@@ -445,7 +445,7 @@ def mini_block_fisher(
     (memory :math:`(I+1) O^2`). A mean gradient :math:`\tilde G` is close
     to rank one, so the true-row average has almost all eigenvalues below
     :math:`\lambda`: in ``benchmarks/convergence.py`` it trained the MNIST
-    autoencoder to a test BCE of 141 at its best damping (0.1) against 79
+    autoencoder to a test BCE of 141 at its best damping (0.1) against 76
     for ``'chunks'`` and 87 for Adam (see ``docs/choosing.md``).
     ``block_size`` keeps only the diagonal blocks of that size along the
     output axis: 1 is a diagonal, ``None`` (or :math:`O`) the full
