@@ -172,8 +172,12 @@ def resolved_defaults(spec: str) -> dict[str, str]:
           and p.default is not inspect.Parameter.empty}
 
 
-def _half_decade(lr: float, up: bool) -> float:
-  """The next value of the ..., 1, 3, 10, 30, ... grid above or below."""
+def half_decade(lr: float, up: bool) -> float:
+  """The next value of the ..., 1, 3, 10, 30, ... grid above or below.
+
+  Rounded to 3 significant digits, so that a value reached by several
+  paths is the same float (it is part of a cached run's key).
+  """
   exponent = math.floor(math.log10(lr) + 1e-9)
   mantissa = lr / 10 ** exponent
   if up:
@@ -185,8 +189,8 @@ def lr_grid(centre: float, size: int = 5) -> list[float]:
   """``size`` half-decade values around ``centre`` (which is one of them)."""
   grid = [centre]
   while len(grid) < size:
-    grid = ([_half_decade(grid[0], up=False)] + grid
-            if len(grid) % 2 else grid + [_half_decade(grid[-1], up=True)])
+    grid = ([half_decade(grid[0], up=False)] + grid
+            if len(grid) % 2 else grid + [half_decade(grid[-1], up=True)])
   return grid
 
 
@@ -474,8 +478,8 @@ class Study:
       if up is None or widened[up] >= MAX_WIDEN:
         return best
       widened[up] += 1
-      grid = (grid + [_half_decade(grid[-1], True)] if up
-              else [_half_decade(grid[0], False)] + grid)
+      grid = (grid + [half_decade(grid[-1], True)] if up
+              else [half_decade(grid[0], False)] + grid)
 
   def tune(self, spec: str) -> tuple[float, float | None]:
     """The best (lr, damping) of ``spec`` by the protocol of the docstring."""
@@ -495,7 +499,7 @@ class Study:
       decades = round(math.log10(damping / DEFAULT_DAMPING))
       start = lr
       for _ in range(abs(decades)):
-        start = _half_decade(start, up=decades > 0)
+        start = half_decade(start, up=decades > 0)
       found[damping] = self.sweep_lr(spec, start, damping, size=3)
       tried[damping] = score(self.run(spec, found[damping], damping, 0))
       # Go on past the edge while an edge wins.

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 import _common
+from convergence import half_decade
 import fisher_optax as fo
 
 import _mnist_data  # noqa: E402  (on sys.path via _common)
@@ -48,15 +49,6 @@ GRIDS = {
 # The example's settings; weight decay stays out of the injected arguments.
 ADAFISHER_KWARGS = {k: v for k, v in _common.ADAFISHER_KWARGS.items()
                     if k != 'weight_decay'}
-
-
-def half_decade(lr: float, up: bool) -> float:
-  """The next value of the 1, 3, 10, 30, ... grid above or below ``lr``."""
-  exponent = math.floor(math.log10(lr) + 1e-9)
-  mantissa = lr / 10 ** exponent
-  if up:
-    return (3.0 if mantissa < 2 else 10.0) * 10 ** exponent
-  return (1.0 if mantissa > 2 else 0.3) * 10 ** exponent
 
 
 def make_step(name: str, model):
