@@ -59,6 +59,11 @@ TASK_TEXT = {
                   'inputs whose covariance has condition number 1e6 in a '
                   'rotated basis, mean squared error: the case where '
                   'inverting K-FAC\'s input factor should matter most.',
+    'resnet': 'A small ResNet with BatchNorm (a 3x3 stem and one residual '
+              'block per stage of 16, 32, 64 channels) classifying MNIST '
+              'digits, mean cross-entropy; BatchNorm uses batch statistics '
+              'throughout. The case where the issue reported AdaFisher\'s '
+              '`mode=\'paper\'` and MBF\'s damping falling behind.',
 }
 
 
@@ -69,6 +74,7 @@ METRICS = {
     'transformer': ('bits_per_char', 'test bits per character', False,
                     1.0),
     'regression': ('loss', 'test mean squared error', False, 1.0),
+    'resnet': ('accuracy', 'test accuracy %', True, 100.0),
 }
 _DEFAULT_METRIC = ('loss', 'test loss', False, 1.0)
 

@@ -1,7 +1,7 @@
-r"""Convergence study: each optimizer tuned on four tasks, per step and second.
+r"""Convergence study: each optimizer tuned on five tasks, per step and second.
 
 For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
-``transformer``, ``regression``) and each optimizer, the script
+``transformer``, ``regression``, ``resnet``) and each optimizer, the script
 
 1. sweeps the learning rate over 5 half-decade values (1, 3, 10, ... around
    the task's centre for that optimizer's family) at damping 1e-3 and the
@@ -82,7 +82,7 @@ import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 STEPS = {'autoencoder': 300, 'cnn': 400, 'transformer': 200,
-         'regression': 1000}
+         'regression': 1000, 'resnet': 200}
 QUICK_STEPS = 20
 MIN_DECREASE = 1e-3
 DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)

@@ -20,7 +20,7 @@ import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
 class ConvergenceQuickTest(parameterized.TestCase):
 
   # One test per task, so that pytest-xdist spreads them over the workers.
-  @parameterized.parameters('autoencoder', 'cnn', 'transformer', 'regression')
+  @parameterized.parameters(*convergence.tasks_lib.TASKS)
   def test_every_optimizer_reduces_the_loss(self, task):
     self.assertEqual(convergence.main(['--quick', '--task', task]), 0)
 
