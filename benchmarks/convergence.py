@@ -172,6 +172,16 @@ def resolved_defaults(spec: str) -> dict[str, str]:
           and p.default is not inspect.Parameter.empty}
 
 
+def same_defaults(cached: dict[str, str], current: dict[str, str]) -> bool:
+  """Whether a run cached under ``cached`` defaults is still current.
+
+  A default that both know must be unchanged. An option the library added
+  after the run was cached is taken to keep the old behaviour by default
+  (options are added that way), so it does not make the run stale.
+  """
+  return all(current[k] == v for k, v in cached.items() if k in current)
+
+
 def half_decade(lr: float, up: bool) -> float:
   """The next value of the ..., 1, 3, 10, 30, ... grid above or below.
 
@@ -438,7 +448,7 @@ class Study:
     if path and os.path.exists(path):
       with open(path) as f:
         cached = json.load(f)
-      if cached.get('defaults', defaults) == defaults:
+      if same_defaults(cached.get('defaults', defaults), defaults):
         return cached
     name, settings = parse_spec(spec)
     task = self._task_for(settings)

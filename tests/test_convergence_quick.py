@@ -30,5 +30,23 @@ class ConvergenceQuickTest(parameterized.TestCase):
     self.assertEqual(failures, ['regression/adam:eps=1e30'])
 
 
+class CacheTest(absltest.TestCase):
+
+  def test_a_changed_default_makes_a_cached_run_stale(self):
+    self.assertFalse(convergence.same_defaults(
+        {'b1': '0.9', 'stats_every': '10'},
+        {'b1': '0.9', 'stats_every': '1'}))
+
+  def test_an_added_or_removed_option_does_not(self):
+    self.assertTrue(convergence.same_defaults(
+        {'b1': '0.9', 'gone': "'x'"}, {'b1': '0.9', 'new_option': 'None'}))
+
+  def test_every_spec_records_its_factory_defaults(self):
+    got = convergence.resolved_defaults('adafisher:mode=reference')
+    self.assertNotIn('mode', got)
+    self.assertNotIn('damping', got)
+    self.assertEqual(got['stats_every'], '10')
+
+
 if __name__ == '__main__':
   absltest.main()
