@@ -11,6 +11,7 @@ are registered here; :func:`register_layer` adds a user's own module class.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -74,6 +75,14 @@ def lookup(framework: str, module_type: type) -> LayerKind | None:
   for cls in module_type.__mro__:
     if cls in registry:
       return registry[cls]
+  return None
+
+
+def defining_class(module_type: type, method: str) -> type | None:
+  """The class in ``module_type``'s MRO whose body defines ``method``."""
+  for cls in module_type.__mro__:
+    if method in vars(cls):
+      return cls
   return None
 
 
@@ -232,11 +241,42 @@ def marker() -> jax.Array:
   return np.zeros((), np.int8)
 
 
+def _merge_lifted(x, lifts: Sequence[str]):
+  """``(calls, *lifted, *one_call)`` -> ``(*stack, calls', [batch,] *...)``.
+
+  Stack axes go first; the captured calls and the ``'call'`` axes (steps of
+  a scan whose parameters are broadcast) merge into one call axis; the
+  ``'batch'`` axes (an ``nn.vmap`` whose parameters are broadcast) merge
+  into one batch axis in front of a call's input, which had none.
+  """
+  order = {'stack': [], 'call': [], 'batch': []}
+  for i, kind in enumerate(lifts):
+    order[kind].append(i + 1)
+  x = jnp.transpose(x, order['stack'] + [0] + order['call'] + order['batch']
+                    + list(range(len(lifts) + 1, x.ndim)))
+  n_stack, n_call = len(order['stack']), len(order['call'])
+  merged = x.shape[:n_stack] + (-1,)
+  if order['batch']:
+    batch = x.shape[n_stack + 1 + n_call:1 + len(lifts)]
+    merged += (math.prod(batch),)
+  return x.reshape(merged + x.shape[1 + len(lifts):])
+
+
+def _shift_axes(config: Mapping[str, Any]) -> dict[str, Any]:
+  """One call's axis numbers once a batch axis is put in front of it."""
+  return {k: (tuple(a + 1 for a in v) if k in ('in_axes', 'feature_axes')
+              else v) for k, v in config.items()}
+
+
 def build(path: str, spec: LayerKind, module_name: str,
           config: Mapping[str, Any], outer_shapes: Mapping[str, tuple],
-          stack_ndim: int, a_calls: Sequence[Any], g_calls: Sequence[Any],
+          lifts: Sequence[str], a_calls: Sequence[Any], g_calls: Sequence[Any],
           extra_calls: Mapping[str, Sequence[Any]]):
-  """Stacks one layer's calls into a :class:`~fisher_optax.LayerStats`."""
+  """Stacks one layer's calls into a :class:`~fisher_optax.LayerStats`.
+
+  Each captured call has one leading axis per lifted transform it ran
+  under, of kind ``lifts`` (see :func:`_merge_lifted`).
+  """
   from fisher_optax import _base  # pylint: disable=g-import-not-at-top
   if len(a_calls) != len(g_calls):
     raise ValueError(f'layer {path!r}: {len(a_calls)} inputs but '
@@ -248,9 +288,13 @@ def build(path: str, spec: LayerKind, module_name: str,
           f'layer {path!r} ({module_name}) was called {len(calls)} times with '
           f'different {name} shapes {sorted(shapes)}; a shared layer must see '
           'equal shapes on every call to be captured.')
-  stack = lambda xs: jnp.stack(list(xs), axis=stack_ndim)
-  in_shape = tuple(a_calls[0].shape[stack_ndim:])
-  out_shape = tuple(g_calls[0].shape[stack_ndim:])
+  stack_ndim = list(lifts).count('stack')
+  stack = lambda xs: _merge_lifted(jnp.stack(list(xs)), lifts)
+  if 'batch' in lifts:
+    config = _shift_axes(config)
+  a, g = stack(a_calls), stack(g_calls)
+  in_shape = tuple(a.shape[stack_ndim + 1:])
+  out_shape = tuple(g.shape[stack_ndim + 1:])
   inner = {n: tuple(s[stack_ndim:]) for n, s in outer_shapes.items()}
   validate_shapes(path, spec.kind, config, in_shape, out_shape, inner,
                   spec.params)
@@ -266,4 +310,4 @@ def build(path: str, spec: LayerKind, module_name: str,
       config=tuple(sorted(config.items())),
   )
   extras = {k: stack(v) for k, v in extra_calls.items()}
-  return _base.LayerStats(stack(a_calls), stack(g_calls), meta, extras)
+  return _base.LayerStats(a, g, meta, extras)

@@ -13,11 +13,16 @@ with respect to the perturbation is ``dL/dy``; it comes out of the same
 backward pass as the parameter gradients. The shapes of the perturbations are
 found with ``jax.eval_shape`` first, which costs no FLOPs.
 
-Lifted transforms (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``) pass
-only the collections they are told about. Add ``**capture_axes()`` to their
-``variable_axes`` (``nn.scan(..., variable_axes={'params': 0,
-**fo.linen.capture_axes()})``); a layer whose capture was dropped raises an
-error that names it.
+Lifted transforms (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``,
+``nn.map_variables``, ``nn.RNN``) pass only the collections they are told
+about. While the loss is traced, the capture adds its collections at axis 0
+to every ``nn.scan`` / ``nn.vmap`` that does not name them (the others pass
+every collection), so a model needs no edit; ``**capture_axes()`` in a
+transform's ``variable_axes`` says the same explicitly. A lifted axis over
+which the layer's parameters are stacked (``nn.scan`` over layers) is a
+stack axis of the statistics; one over which they are broadcast (the time
+steps of ``nn.RNN``, an ``nn.vmap`` with ``variable_axes={'params': None}``)
+is weight sharing, and its entries become calls.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+from flax.core import lift as flax_lift
 from flax.core import scope as flax_scope
 from flax.linen import module as flax_module
 import jax
@@ -39,6 +45,7 @@ from fisher_optax.capture import _layers
 INPUTS = 'fo_inputs'
 PERTURBATIONS = 'fo_perturbations'
 EXTRAS = 'fo_extras'
+COLLECTIONS = (INPUTS, PERTURBATIONS, EXTRAS)
 _LOCK = threading.RLock()
 
 
@@ -52,7 +59,7 @@ def capture_axes(axis: int = 0) -> dict[str, int]:
   Returns:
     ``{collection: axis}`` for fisher_optax's private collections.
   """
-  return {INPUTS: axis, PERTURBATIONS: axis, EXTRAS: axis}
+  return {c: axis for c in COLLECTIONS}
 
 
 def register_layer(module_type: type, kind: str,
@@ -89,6 +96,16 @@ for _cls, _kind, _describe in (
   register_layer(_cls, _kind, describe=_describe)
 
 
+# Modules whose layers are not modules, computed instead by an equivalent
+# written with stock layers of the same parameter names and shapes:
+# OptimizedLSTMCell concatenates its gate kernels (built by DenseParams
+# modules that only return them) into one matmul; LSTMCell computes the same
+# gates with one Dense per gate under the same names, which capture sees.
+_SUBSTITUTES = {
+    nn.OptimizedLSTMCell: nn.LSTMCell.__call__.__wrapped__,
+}
+
+
 class _Trace:
   """Python-side bookkeeping of one traced call of the wrapped loss."""
 
@@ -101,6 +118,8 @@ class _Trace:
     self.layers = {}  # (apply index, module path) -> static layer info
     self.skipped = {}  # module path -> reason it was not captured
     self.outputs = []  # per apply call: the model output (JAX values)
+    self.lifts = []  # kinds of the lifted transforms now running
+    self.pending_lift = None  # set between a lift's axes and its pack
 
 
 def _module_params(module, spec):
@@ -113,6 +132,11 @@ def _interceptor(trace: _Trace):
 
   def tap(next_fun, args, kwargs, context):
     module = context.module
+    if context.method_name == '__call__':
+      substitute = _SUBSTITUTES.get(_layers.defining_class(
+          type(module), '__call__'))
+      if substitute is not None:
+        return substitute(module, *args, **kwargs)
     spec = _layers.lookup('linen', type(module))
     if spec is None or context.method_name != '__call__' or not args:
       return next_fun(*args, **kwargs)
@@ -128,8 +152,9 @@ def _interceptor(trace: _Trace):
     n = len(calls)
     y = next_fun(*args, **kwargs)
     params = _module_params(module, spec)
-    trace.layers[(len(trace.applies), path)] = (spec, type(module).__name__,
-                                                config)
+    trace.layers[(len(trace.applies), path)] = (
+        spec, type(module).__name__, config,
+        {n: jnp.shape(v) for n, v in params.items()}, tuple(trace.lifts))
     module.sow(INPUTS, 'a', x)
     module.sow(INPUTS, 'marker', _layers.marker())
     if spec.kind == 'norm':
@@ -162,10 +187,63 @@ def _param_prefix(trace: _Trace, variables) -> str:
       '`model.apply({"params": params}, ...)` (possibly a sub-tree of them).')
 
 
+# Lifted axes of a capture, by what the transform does with the parameters:
+STACK = 'stack'  # mapped: one parameter slice per entry (nn.scan of layers)
+CALL = 'call'    # broadcast by nn.scan: weight sharing over steps
+BATCH = 'batch'  # broadcast by nn.vmap: the entries are examples
+
+
+def _lift_hooks(trace: _Trace, split_in_out_axes, pack):
+  """Wraps Flax's lifting so captures pass through and their axes are known.
+
+  ``nn.scan`` and ``nn.vmap`` read their ``variable_axes`` with
+  ``_split_in_out_axes`` and give every collection that it (or their
+  broadcast / carry filters) does not name to no one, so a layer inside them
+  could not pass its capture out: the capture collections are mapped over
+  axis 0, which is what ``capture_axes()`` asks for explicitly. Each such
+  transform then calls ``pack``; the body it returns runs with the kind of
+  its lifted axis (:data:`STACK`, :data:`CALL`, :data:`BATCH`) pushed on
+  ``trace.lifts``, so a layer call knows what each lifted axis of its
+  capture is.
+  """
+
+  def split(variable_axes):
+    axes = dict(variable_axes)
+    for c in COLLECTIONS:
+      if not any(flax_scope.in_filter(f, c) for f in axes):
+        axes[c] = 0
+    params_axis = next((ax for f, ax in axes.items()
+                        if flax_scope.in_filter(f, 'params')), None)
+    params_axis = getattr(params_axis, 'axis', params_axis)  # In / Out
+    trace.pending_lift = isinstance(params_axis, int)
+    return split_in_out_axes(axes)
+
+  def packed(fn, *args, **kwargs):
+    body = pack(fn, *args, **kwargs)
+    mapped, trace.pending_lift = trace.pending_lift, None
+    if mapped is None:  # remat, jit, map_variables...: no lifted axis
+      return body
+    name = kwargs.get('name', args[3] if len(args) > 3 else None)
+    kind = STACK if mapped else (BATCH if name == 'vmap' else CALL)
+
+    @functools.wraps(body)
+    def run(*a, **k):
+      trace.lifts.append(kind)
+      try:
+        return body(*a, **k)
+      finally:
+        trace.lifts.pop()
+
+    return run
+
+  return split, packed
+
+
 @contextlib.contextmanager
 def _capturing(trace: _Trace):
   """Routes ``flax.linen`` apply calls through the capture shim."""
   original = flax_module.apply
+  original_lift = (flax_lift._split_in_out_axes, flax_lift.pack)
 
   def apply(fn, module, mutable=False, capture_intermediates=False):
     extra = [INPUTS, EXTRAS] + ([PERTURBATIONS] if trace.discover else [])
@@ -196,11 +274,14 @@ def _capturing(trace: _Trace):
 
   with _LOCK:
     flax_module.apply = apply
+    flax_lift._split_in_out_axes, flax_lift.pack = _lift_hooks(
+        trace, *original_lift)
     try:
       with nn.intercept_methods(_interceptor(trace)):
         yield
     finally:
       flax_module.apply = original
+      flax_lift._split_in_out_axes, flax_lift.pack = original_lift
 
 
 def _modules(tree, leaf_name: str, prefix=()):
@@ -362,7 +443,7 @@ def _model_output(trace: _Trace):
 
 
 def _check_dropped(trace: _Trace, shapes) -> None:
-  for (k, path), (_, module_name, _) in trace.layers.items():
+  for (k, path), (_, module_name, *_) in trace.layers.items():
     if path not in _modules(shapes[k][INPUTS], 'a'):
       raise ValueError(
           f'layer {path!r} ({module_name}) ran inside a lifted transform '
@@ -379,12 +460,13 @@ def _assemble(trace: _Trace, params, captured, cotangents):
   for k, applied in enumerate(captured):
     prefix = trace.prefixes[k]
     for path, node in _modules(applied[INPUTS], 'a').items():
-      spec, module_name, config = trace.layers[(k, path)]
+      spec, module_name, config, inner, lifts = trace.layers[(k, path)]
       key = _base.join_path(prefix, path) if path else prefix
-      stack_ndim = jnp.ndim(node['marker'][0])
+      lifts = _lifted_axes(key, module_name, jnp.ndim(node['marker'][0]),
+                           lifts, inner, outer)
       entry = calls.setdefault(key, {
           'spec': spec, 'module': module_name, 'config': config,
-          'stack_ndim': stack_ndim, 'a': [], 'g': [], 'extras': {}})
+          'lifts': lifts, 'a': [], 'g': [], 'extras': {}})
       entry['a'].extend(node['a'])
       grads = _get(cotangents[k], path)
       entry['g'].extend(grads[f'g{n}'] for n in range(len(node['a'])))
@@ -398,6 +480,28 @@ def _assemble(trace: _Trace, params, captured, cotangents):
               for n in e['spec'].params.values()
               if _base.join_path(key, n) in outer}
     stats[key] = _layers.build(key, e['spec'], e['module'], e['config'],
-                               shapes, e['stack_ndim'], e['a'], e['g'],
+                               shapes, e['lifts'], e['a'], e['g'],
                                e['extras'])
   return stats
+
+
+def _lifted_axes(key: str, module_name: str, ndim: int, lifts, inner,
+                 outer) -> tuple[str, ...]:
+  """The kind of each of a capture's ``ndim`` lifted leading axes.
+
+  ``lifts`` are the kinds the lift hooks saw around the call, outermost
+  first. Where they cannot account for the axes (a capture collection mapped
+  by a transform the hooks do not know), the axes are the parameters' stack
+  axes if the parameter shapes agree, and an error otherwise.
+  """
+  stack = {len(outer[_base.join_path(key, n)].shape) - len(shape)
+           for n, shape in inner.items() if _base.join_path(key, n) in outer}
+  if len(lifts) != ndim:
+    lifts = (STACK,) * ndim
+  want = lifts.count(STACK)
+  if stack and stack != {want}:
+    raise ValueError(
+        f'layer {key!r} ({module_name}): its parameters have '
+        f'{sorted(stack)} stack axes, but it ran under {want} lifted '
+        f'transforms that map the parameters ({lifts}).')
+  return tuple(lifts)

@@ -326,7 +326,8 @@ def _assemble(model, inter, cotangents):
               for n in spec.params.values()
               if _base.join_path(path, n) in params}
     stats[path] = _layers.build(path, spec, type(module).__name__, config,
-                                shapes, stack_ndim, a_calls, g_calls, extras)
+                                shapes, ('stack',) * stack_ndim, a_calls,
+                                g_calls, extras)
   return stats
 
 
