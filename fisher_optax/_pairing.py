@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from fisher_optax import _base
+from fisher_optax.capture import _layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,9 @@ def coverage(params: Any, layer_stats: Mapping[str, _base.LayerStats],
     if a.frozen:
       rows.append((path, '-', '-', 'frozen (masked)'))
     elif a.layer is None:
-      rows.append((path, shape, '-', f'fallback: {fallback}'))
+      why = _layers.SKIPPED.get(path.rpartition('/')[0])
+      rows.append((path, shape, '-', f'fallback: {fallback}'
+                   + (f' ({why})' if why else '')))
     else:
       meta = layer_stats[a.layer].meta
       rows.append((path, shape, f'{a.layer or "<root>"} {meta.module}',

@@ -78,6 +78,49 @@ def lookup(framework: str, module_type: type) -> LayerKind | None:
   return None
 
 
+# Methods a subclass may override to change what a registered layer computes
+# (linen's ``param`` is where weight standardisation is usually written).
+_OVERRIDABLE = {'linen': ('__call__', 'param'), 'nnx': ('__call__',)}
+
+# Layers the most recent capture trace ran uncaptured: module path -> why.
+# ``fisher_optax.coverage`` reports the reason next to their fallback.
+SKIPPED: dict[str, str] = {}
+
+
+def _wrapped_chain(fn) -> set[int]:
+  ids = set()
+  while fn is not None and id(fn) not in ids:
+    ids.add(id(fn))
+    fn = getattr(fn, '__wrapped__', None)
+  return ids
+
+
+def check_not_overridden(framework: str, module_type: type) -> None:
+  """Raises :class:`Unsupported` if a subclass changes a registered layer.
+
+  A subclass of a registered class (``class StdConv(nn.Conv)``) that
+  overrides ``__call__`` (or linen's ``param``, e.g. to standardise the
+  kernel) computes something else from the same parameters: its statistics
+  would describe another weight than the one they are applied to. Unless
+  the subclass itself is registered, it gets the fallback. Flax's lifted
+  classes (``nn.remat(nn.Dense)``) wrap the registered method and are not
+  overrides.
+  """
+  registry = _REGISTRY[framework]
+  mro = module_type.__mro__
+  registered = next(cls for cls in mro if cls in registry)
+  for cls in mro[:mro.index(registered)]:
+    for method in _OVERRIDABLE[framework]:
+      if method not in vars(cls):
+        continue
+      base = _wrapped_chain(getattr(registered, method, None))
+      if not _wrapped_chain(vars(cls)[method]) & base:
+        raise Unsupported(
+            f'{module_type.__name__} subclasses {registered.__name__} but '
+            f'{cls.__name__} overrides {method}; register it with '
+            'register_layer to capture it')
+
+
 def defining_class(module_type: type, method: str) -> type | None:
   """The class in ``module_type``'s MRO whose body defines ``method``."""
   for cls in module_type.__mro__:

@@ -116,9 +116,10 @@ class _Trace:
     self.applies = []  # per apply call: captured collections (JAX values)
     self.prefixes = []  # per apply call: path of its params in user params
     self.layers = {}  # (apply index, module path) -> static layer info
-    self.skipped = {}  # module path -> reason it was not captured
+    self.skipped = {}  # (apply index, module path) -> why it was not captured
     self.outputs = []  # per apply call: the model output (JAX values)
     self.lifts = []  # kinds of the lifted transforms now running
+    self.active = set()  # ids of the modules whose capture is running
     self.pending_lift = None  # set between a lift's axes and its pack
 
 
@@ -138,19 +139,27 @@ def _interceptor(trace: _Trace):
       if substitute is not None:
         return substitute(module, *args, **kwargs)
     spec = _layers.lookup('linen', type(module))
-    if spec is None or context.method_name != '__call__' or not args:
+    # A registered subclass calling super().__call__ is captured once, by
+    # its outermost call.
+    if (spec is None or context.method_name != '__call__' or not args
+        or id(module) in trace.active):
       return next_fun(*args, **kwargs)
     x = args[0]
     path = '/'.join(module.path)
     try:
+      _layers.check_not_overridden('linen', type(module))
       config = spec.describe(module, tuple(jnp.shape(x)))
     except _layers.Unsupported as e:
-      trace.skipped[path] = str(e)
+      trace.skipped[(len(trace.applies), path)] = str(e)
       return next_fun(*args, **kwargs)
     calls = module.get_variable(INPUTS, 'a', ()) if module.has_variable(
         INPUTS, 'a') else ()
     n = len(calls)
-    y = next_fun(*args, **kwargs)
+    trace.active.add(id(module))
+    try:
+      y = next_fun(*args, **kwargs)
+    finally:
+      trace.active.discard(id(module))
     params = _module_params(module, spec)
     trace.layers[(len(trace.applies), path)] = (
         spec, type(module).__name__, config,
@@ -372,6 +381,7 @@ def value_grad_and_stats(
 
     _, shapes = jax.eval_shape(discover, params)
     _check_dropped(discovery, shapes)
+    _publish_skipped(discovery)
     zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                           applied[PERTURBATIONS]) for applied in shapes]
 
@@ -440,6 +450,15 @@ def _model_output(trace: _Trace):
                      'one array of predictions (logits or means), got '
                      f'{type(output).__name__}.')
   return output
+
+
+def _publish_skipped(trace: _Trace) -> None:
+  """Records, by parameter path, which layers ran uncaptured and why."""
+  full = lambda k, path: _base.join_path(trace.prefixes[k], path)
+  for k, path in trace.layers:
+    _layers.SKIPPED.pop(full(k, path), None)
+  for (k, path), reason in trace.skipped.items():
+    _layers.SKIPPED[full(k, path)] = reason
 
 
 def _check_dropped(trace: _Trace, shapes) -> None:

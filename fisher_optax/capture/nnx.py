@@ -103,6 +103,7 @@ def _capturing():
           or '__captures__' not in vars(self)):
         return original(self, x, *args, **kwargs)
       try:
+        _layers.check_not_overridden('nnx', type(self))
         config = spec.describe(self, tuple(jnp.shape(x)))
       except _layers.Unsupported:
         return original(self, x, *args, **kwargs)
