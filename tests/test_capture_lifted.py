@@ -10,6 +10,7 @@ and batch axes as well as the values.
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -210,6 +211,52 @@ class LiftedCaptureTest(parameterized.TestCase):
     assert_close(value, ref_value)
     for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
       assert_close(got, ref)
+
+
+class NNXRNNClassifier(nnx.Module):
+
+  def __init__(self, cell, rngs):
+    self.rnn = nnx.RNN(cell(D, H, rngs=rngs))
+    self.out = nnx.Linear(H, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.rnn(x)[:, -1])
+
+
+class NNXCaptureTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('lstm', nnx.LSTMCell, 9), ('gru', nnx.GRUCell, 3),
+      ('simple', nnx.SimpleCell, 3),
+      ('optimized_lstm', nnx.OptimizedLSTMCell, 3))
+  def test_rnn_cells(self, cell, layers):
+    model = NNXRNNClassifier(cell, nnx.Rngs(0))
+    x = _normal(5, (B, T, D))
+    y = np.arange(B) % 3
+
+    def loss_fn(m, x, y):
+      return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(m(x)),
+                                          y[:, None], 1))
+
+    _, grads, stats = nnx.jit(fo.nnx.value_grad_and_stats(loss_fn))(
+        model, x, y)
+    _, ref_grads = nnx.jit(nnx.value_and_grad(loss_fn))(model, x, y)
+    for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+      assert_close(got, ref)
+    # One example at a time (the RNN's carry RNG stream is NNX state, so
+    # nnx.grad rather than jax.vmap(jax.grad)).
+    grad_one = nnx.jit(nnx.grad(loss_fn))
+    grads_one = [nnx.to_pure_dict(grad_one(model, x[b:b + 1], y[b:b + 1]))
+                 for b in range(B)]
+    per_example = jax.tree.map(lambda *g: np.stack(g), *grads_one)
+    self.assertLen(stats, layers)
+    for path, st in stats.items():
+      if path != 'out':
+        self.assertEqual(st.a.shape[:2], (T, B))
+      kernel, bias = _captured_per_example(st)
+      assert_close(kernel, _get(per_example, path)['kernel'], err_msg=path)
+      if st.meta.param_name('bias'):
+        assert_close(bias, _get(per_example, path)['bias'], err_msg=path)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fisher_optax import _base
 from fisher_optax.capture import _layers
@@ -114,7 +115,12 @@ def _capturing():
       finally:
         active.discard(id(self))
       self.sow(nnx.Intermediate, 'fo_a', x)
-      self.sow(nnx.Intermediate, 'fo_marker', _layers.marker())
+      # Lifted transforms add their axes in front; the last axis's length
+      # is the parameters' own rank, so stack and broadcast axes can be
+      # told apart afterwards.
+      inner = [jnp.ndim(v) for v in _module_params(self, spec).values()]
+      self.sow(nnx.Intermediate, 'fo_marker',
+               np.zeros((inner[0] if inner else 0,), np.int8))
       if spec.kind == 'norm':
         self.sow(nnx.Intermediate, 'fo_xhat', _layers.normalised_input(
             y, _module_params(self, spec), config['feature_axes']))
@@ -126,6 +132,8 @@ def _capturing():
     for cls in _layers._REGISTRY['nnx']:  # pylint: disable=protected-access
       saved[cls] = cls.__dict__.get('__call__')
       cls.__call__ = wrap(cls.__call__)
+    saved[nnx.RNN] = nnx.RNN.__dict__.get('__call__')
+    nnx.RNN.__call__ = _scan_captures(nnx.RNN.__call__)
     try:
       yield
     finally:
@@ -134,6 +142,30 @@ def _capturing():
           del cls.__call__
         else:
           cls.__call__ = original
+
+
+_CAPTURES = nnx.filterlib.Any(nnx.Intermediate, nnx.Perturbation)
+
+
+def _scan_captures(rnn_call):
+  """``nnx.RNN.__call__`` with the capture state scanned over time.
+
+  ``nnx.RNN`` carries its cell through ``nnx.scan`` (``state_axes``
+  ``{...: Carry}``); a sown input would change the carry's structure on the
+  first step. Mapping the capture's variables over axis 0 instead stacks
+  one entry per time step, as ``nn.RNN`` does in linen.
+  """
+
+  @functools.wraps(rnn_call)
+  def call(self, *args, **kwargs):
+    original = self.state_axes
+    self.state_axes = nnx.StateAxes({_CAPTURES: 0, **original})
+    try:
+      return rnn_call(self, *args, **kwargs)
+    finally:
+      self.state_axes = original
+
+  return call
 
 
 def _value(v):
@@ -317,19 +349,37 @@ def _assemble(model, inter, cotangents):
     module = modules[path]
     spec = _layers.lookup('nnx', type(module))
     a_calls = list(node['fo_a'])
-    stack_ndim = jnp.ndim(node['fo_marker'][0])
-    in_shape = tuple(a_calls[0].shape[stack_ndim:])
+    shapes = {n: _base.shape_of(params[_base.join_path(path, n)])
+              for n in spec.params.values()
+              if _base.join_path(path, n) in params}
+    lifts = _lifted_axes(spec, node['fo_marker'][0], shapes, a_calls[0])
+    in_shape = tuple(a_calls[0].shape[len(lifts):])
     config = spec.describe(module, in_shape)
     g_node = _get(cotangents, path)
     g_calls = [g_node[f'fo_g{n}'] for n in range(len(a_calls))]
     extras = {'xhat': list(node['fo_xhat'])} if 'fo_xhat' in node else {}
-    shapes = {n: _base.shape_of(params[_base.join_path(path, n)])
-              for n in spec.params.values()
-              if _base.join_path(path, n) in params}
     stats[path] = _layers.build(path, spec, type(module).__name__, config,
-                                shapes, ('stack',) * stack_ndim, a_calls,
-                                g_calls, extras)
+                                shapes, lifts, a_calls, g_calls, extras)
   return stats
+
+
+def _lifted_axes(spec, marker, shapes, a) -> tuple[str, ...]:
+  """The kind of each lifted leading axis of one layer's capture.
+
+  ``marker`` has one leading axis per lifted transform and a last axis as
+  long as the parameters' rank inside them: the parameters' extra axes
+  outside are stack axes (taken to be the outer ones). The other lifted
+  axes broadcast the parameters: calls (``nnx.RNN``'s time steps), unless a
+  dense layer's call then has no batch axis left (a per-example
+  ``nnx.vmap``), where they are the batch.
+  """
+  lifted = marker.ndim - 1
+  if not shapes:
+    return ('stack',) * lifted
+  stack = len(next(iter(shapes.values()))) - marker.shape[-1]
+  broadcast = lifted - stack
+  no_batch = spec.kind == 'dense' and a.ndim - lifted <= 1
+  return ('stack',) * stack + ('batch' if no_batch else 'call',) * broadcast
 
 
 def _nested(state) -> dict:
