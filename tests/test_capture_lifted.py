@@ -69,6 +69,19 @@ class Jit(nn.Module):
     return nn.Dense(3)(jnp.tanh(nn.jit(nn.Dense)(H)(x)).mean(1))
 
 
+class MapVariables(nn.Module):
+  """nn.map_variables reading params through a (here dtype) transform."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.map_variables(
+        nn.Dense, 'params',
+        trans_in_fn=lambda t: jax.tree.map(lambda v: v.astype(jnp.float32),
+                                           t),
+        init=self.is_initializing())(H)
+    return nn.Dense(3)(jnp.tanh(dense(x)).mean(1))
+
+
 class Ensemble(nn.Module):
   """nn.vmap with stacked params: a stack axis."""
 
@@ -190,6 +203,7 @@ class LiftedCaptureTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('remat_checkpoint', Remat, 3), ('jit', Jit, 2),
       ('ensemble', Ensemble, 2), ('per_example_vmap', PerExample, 2),
+      ('map_variables', MapVariables, 2),
       ('scan_without_capture_axes', ScannedStack, 2))
   def test_lifted_transforms(self, make, layers):
     self._check(make(), _normal(2, (B, T, D)), layers)
