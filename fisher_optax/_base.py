@@ -157,6 +157,105 @@ def join_path(key: PathKey, name: str) -> PathKey:
   return f'{key}/{name}' if key else name
 
 
+# Output axes of the kernels of Flax's attention sub-layers (linen
+# MultiHeadDotProductAttention, NNX MultiHeadAttention): query/key/value
+# map features to (heads, head_dim), out maps (heads, head_dim) back.
+_ATTENTION_OUT_AXES = {'query': 2, 'key': 2, 'value': 2, 'out': 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelGuess:
+  """A kernel's layout as far as its parameters tell (no capture).
+
+  Attributes:
+    kernel: path of the kernel.
+    bias: path of its bias, or None.
+    n_stack: leading stack axes (``nn.scan`` / ``nnx.vmap`` over layers).
+    n_in: kernel axes after the stack on the input side; the rest are
+      output axes.
+    conv: whether it looks like a convolution kernel.
+  """
+
+  kernel: PathKey
+  bias: PathKey | None
+  n_stack: int
+  n_in: int
+  conv: bool
+
+
+def guess_kernels(leaves: Mapping[PathKey, Any]) -> dict[PathKey, KernelGuess]:
+  """Layouts of the ``kernel`` leaves of ``{path: leaf}``, from shapes.
+
+  A stock layer's bias has the shape of its outputs, and a lifted transform
+  puts the same stack axes in front of the kernel and the bias: the longest
+  trailing run of the kernel's shape that the bias ends with gives the
+  output axes, the bias's remaining leading axes the stack (the attention
+  sub-layers' own output count decides a tie). A bias-less kernel takes
+  the stack axes that the other layers of its nearest enclosing module
+  agree on (a LayerNorm ``scale`` counts, one axis of its own), else none;
+  its outputs are one axis, or an attention sub-layer's. A kernel with one
+  output axis and two or more other axes is a convolution, except the
+  attention output projection. Every guess is checked against the captured
+  statistics on the first update, where a wrong one is an error that asks
+  for ``layers=``; a right one needs nothing.
+
+  Args:
+    leaves: parameter leaves by path (masked leaves already removed).
+
+  Returns:
+    ``{layer key: KernelGuess}``.
+  """
+  def out_axes(kernel, bias, name):
+    fits = [k for k in range(1, len(bias) + 1)
+            if len(kernel) - k >= 1 + len(bias) - k
+            and kernel[len(kernel) - k:] == bias[len(bias) - k:]
+            and kernel[:len(bias) - k] == bias[:len(bias) - k]]
+    if not fits:
+      return None
+    return name if name in fits else max(fits)
+
+  guesses, stacks = {}, {}
+  for path, leaf in leaves.items():
+    key, name = split_path(path)
+    shape = shape_of(leaf)
+    if name == 'scale' and shape:
+      stacks.setdefault(key, len(shape) - 1)
+    if name != 'kernel' or len(shape) < 2:
+      continue
+    bias = join_path(key, 'bias')
+    bias = bias if bias in leaves else None
+    attention = _ATTENTION_OUT_AXES.get(split_path(key)[1])
+    n_out = None if bias is None else out_axes(
+        shape, shape_of(leaves[bias]), attention)
+    if n_out is None:
+      bias = None
+    else:
+      stacks[key] = len(shape_of(leaves[bias])) - n_out
+    guesses[key] = (path, bias, n_out, attention, shape)
+
+  def enclosing_stack(key):
+    while key:
+      key = split_path(key)[0]
+      inside = {n for k, n in stacks.items()
+                if k == key or k.startswith(f'{key}/') or not key}
+      if len(inside) == 1:
+        return inside.pop()
+      if inside:
+        return 0
+    return 0
+
+  out = {}
+  for key, (path, bias, n_out, attention, shape) in guesses.items():
+    n_stack = stacks[key] if bias is not None else enclosing_stack(key)
+    n_out = n_out or attention or 1
+    n_in = len(shape) - n_stack - n_out
+    if n_in < 1:
+      continue
+    conv = n_out == 1 and n_in >= 2 and attention is None
+    out[key] = KernelGuess(path, bias, n_stack, n_in, conv)
+  return out
+
+
 def layers_hint(tree: Any) -> str:
   """How to build ``layers=`` for the framework that produced ``tree``.
 

@@ -197,8 +197,9 @@ def kfac(
       captured cotangents are rescaled to per-example ones), else ``'sum'``.
     inverse_method: ``'cholesky'``, ``'inv'`` or ``'eigh'``.
     layers: the ``layer_stats`` of one step (arrays unused, e.g. from
-      ``jax.eval_shape``), needed when ``init(params)`` cannot infer factor
-      shapes: stacked (``nn.scan``), grouped-conv or multi-output layers.
+      ``jax.eval_shape``), needed only where ``init(params)`` guesses a
+      factor shape wrong (grouped convolutions, bias-less multi-output
+      ``DenseGeneral``); the first update says so.
     fallback_b2: Adam's second-moment decay for uncovered parameters.
     fallback_eps: Adam's epsilon for uncovered parameters.
     eigen_correction: keep the factors' eigenbasis but use the diagonal of

@@ -33,13 +33,14 @@ frozen bias makes the layer bias-less. Statistics use
 ``_base.stats_dtype(kernel)`` (float64 for float64 kernels).
 
 Factor shapes depend on the layer kind and on stack axes (``nn.scan``),
-which ``init(params)`` cannot see. It infers them from the parameters
-(a ``kernel`` is ``(*inputs, outputs)``, an ``embedding`` is a table); for
-stacked, grouped or multi-output layers pass ``layers=`` (the statistics of
-one step, e.g. ``jax.eval_shape(step_fn, params, batch)[2]``). A mismatch is
-an error naming the layer. Everything that depends on the model lives in
-the state (the layers with curvature state are ``state.stats``' keys), so
-one optimizer object serves several models.
+which ``init(params)`` cannot see. It guesses them from the parameters
+(``_base.guess_kernels``: a bias has the shape of its layer's outputs, a
+stack puts the same leading axes on kernel and bias; an ``embedding`` is a
+table); for the few layers it guesses wrong pass ``layers=`` (the
+statistics of one step, e.g. ``jax.eval_shape(step_fn, params,
+batch)[2]``). A mismatch is an error naming the layer. Everything that
+depends on the model lives in the state (the layers with curvature state
+are ``state.stats``' keys), so one optimizer object serves several models.
 """
 
 from __future__ import annotations
@@ -132,22 +133,23 @@ def layout_from_meta(key: str, meta: _base.LayerMeta,
 
 
 def infer_layouts(params: Any) -> dict[str, Layout]:
-  """Layouts guessed from parameter names and shapes (no stack axes)."""
-  leaves = _base.flatten_with_paths(params)
+  """Layouts guessed from parameter names and shapes (``_base.guess_kernels``).
+  """
+  leaves = {p: leaf for p, leaf in _base.flatten_with_paths(params).items()
+            if not _base.is_masked(leaf)}
   out = {}
+  for key, guess in _base.guess_kernels(leaves).items():
+    shape = _base.shape_of(leaves[guess.kernel])
+    k, n_in = guess.n_stack, guess.n_in
+    out[key] = Layout(key, 'kron', _base.split_path(guess.kernel)[1],
+                      None if guess.bias is None else 'bias',
+                      shape[:k] + (1,), k, n_in,
+                      math.prod(shape[k:k + n_in]) + (guess.bias is not None),
+                      math.prod(shape[k + n_in:]), guess.conv)
   for path, leaf in leaves.items():
-    if _base.is_masked(leaf):
-      continue
     key, name = _base.split_path(path)
     shape = _base.shape_of(leaf)
-    bias = f'{key}/bias'.strip('/')
-    has_bias = bias in leaves and not _base.is_masked(leaves[bias])
-    if name == 'kernel' and len(shape) >= 2:
-      out[key] = Layout(key, 'kron', name, 'bias' if has_bias else None,
-                        (1,), 0, len(shape) - 1,
-                        math.prod(shape[:-1]) + has_bias, shape[-1],
-                        len(shape) >= 3)
-    elif name == 'embedding' and len(shape) == 2:
+    if name == 'embedding' and len(shape) == 2:
       out[key] = Layout(key, 'embed', name, None, (1,), 0, 1, shape[0],
                         shape[1])
   return out

@@ -496,11 +496,13 @@ def mini_block_fisher(
   :math:`\alpha m / \lambda`: heavy-ball SGD with learning rate
   :math:`\alpha / \lambda`, which must stay stable.
 
-  Layer kinds come from parameter names and shapes: a 2-D ``kernel`` is
-  dense, a kernel with 3 or more axes a conv. Stacked (``nn.scan``) or
-  multi-axis (``DenseGeneral``) kernels need ``layers=``, the
-  ``layer_stats`` of one step (``jax.eval_shape`` is enough); when
-  ``update`` receives ``layer_stats`` they are checked against these.
+  Layer kinds, stack axes and input axes are guessed from the parameters'
+  names and shapes (a bias has the shape of its layer's outputs, a stack
+  puts the same leading axes on kernel and bias); ``update`` checks them
+  against the ``layer_stats``. Where the parameters cannot tell (a
+  bias-less ``DenseGeneral`` with several input axes looks like a conv),
+  pass ``layers=``, the ``layer_stats`` of one step (``jax.eval_shape`` is
+  enough).
 
   Args:
     learning_rate: :math:`\alpha`, a scalar or a schedule.
@@ -519,7 +521,8 @@ def mini_block_fisher(
       ``'diagonal'``, for parameters in no block.
     fallback_b2: second-moment decay of the Adam fallback.
     fallback_eps: epsilon of the Adam fallback.
-    layers: ``layer_stats`` of one step, for stacked or multi-axis layers.
+    layers: ``layer_stats`` of one step, where ``init(params)`` guesses a
+      layer's blocks wrong (the first update says so).
     axis_name: data-parallel axis to ``pmean`` gradients over under
       ``shard_map``/``pmap`` (a no-op if they are already averaged).
     mask: weight-decay mask (integer leaves are never decayed).

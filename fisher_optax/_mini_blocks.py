@@ -100,11 +100,12 @@ def layouts(params: Any, layers: Mapping[str, _base.LayerStats] | None,
   """Blocked layers of ``params``, from ``layers`` metadata or from names.
 
   Layers in ``layers`` take their kind, stack axes and input axes from its
-  metadata. Elsewhere a 2-D ``kernel`` is a dense layer (its sibling
-  ``bias`` folded in) and a kernel of 3 or more axes a conv kernel
-  ``(*window, C_in, C_out)``; stacked or multi-axis dense kernels need
-  ``layers``. Masked (frozen) leaves are never blocked: a dense layer whose
-  bias is frozen is a bias-less layer, and a frozen kernel is no layer.
+  metadata. Elsewhere the kernels' layouts are guessed from the
+  parameters (:func:`fisher_optax._base.guess_kernels`: stack axes, input
+  and output axes, dense or conv); the first update checks each guess
+  against the statistics. Masked (frozen) leaves are never blocked: a dense
+  layer whose bias is frozen is a bias-less layer, and a frozen kernel is
+  no layer.
   With ``fallback='diagonal'`` every other leaf gets a ``'diagonal'``
   layout of its own.
   """
@@ -150,17 +151,12 @@ def layouts(params: Any, layers: Mapping[str, _base.LayerStats] | None,
         bias = None
       n_in = len(meta.cfg('in_axes') or (0,))
       add(key, meta.kind, kernel, bias, meta.stack_ndim, n_in)
-  # Layers not in `layers`: a 2-D kernel is dense, a larger one a conv.
-  for path, leaf in live.items():
-    key, name = _base.split_path(path)
-    ndim = len(_base.shape_of(leaf))
-    if name != 'kernel' or ndim < 2 or key in captured:
+  # Layers not in `layers`: guessed from the parameters' shapes.
+  for key, guess in _base.guess_kernels(live).items():
+    if key in captured:
       continue
-    bias = _base.join_path(key, 'bias')
-    if ndim >= 3 or bias not in live or (
-        _base.shape_of(live[bias]) != _base.shape_of(leaf)[-1:]):
-      bias = None
-    add(key, 'conv' if ndim >= 3 else 'dense', path, bias, 0, 1)
+    add(key, 'conv' if guess.conv else 'dense', guess.kernel,
+        None if guess.conv else guess.bias, guess.n_stack, guess.n_in)
 
   if fallback == 'diagonal':
     blocked = {p for layer in out.values() for p in layer.paths}

@@ -4,6 +4,7 @@ import itertools
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 import flax.linen as nn
 import jax
 
@@ -361,7 +362,7 @@ class EngineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "layer '' .*layers=jax.eval"):
       tx.update(grads, tx.init(params), params, layer_stats=stats)
 
-  def test_scan_stack_needs_layers_and_matches_per_layer(self):
+  def test_scan_stack_matches_per_layer(self):
     class Block(nn.Module):
 
       @nn.compact
@@ -383,12 +384,13 @@ class EngineTest(parameterized.TestCase):
     loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
     step_fn = fo.linen.value_grad_and_stats(loss)
     _, grads, stats = jax.jit(step_fn)(params, x)
-    with self.assertRaisesRegex(ValueError, 'layers='):
-      tx = fo.scale_by_kfac()
-      tx.update(grads, tx.init(params), params, layer_stats=stats)
     layers = jax.eval_shape(step_fn, params, x)[2]
     tx = fo.scale_by_kfac(damping=0.1, momentum=0.0, layers=layers)
     updates, state = _one_update(tx, params, grads, stats)
+    # The stack is also read off the parameters (the bias is (2, 3)).
+    guessed, _ = _one_update(fo.scale_by_kfac(damping=0.1, momentum=0.0),
+                             params, grads, stats)
+    chex.assert_trees_all_close(guessed, updates)
     key = 'ScanBlock_0/Dense_0' if 'ScanBlock_0' in params else (
         list(stats)[0])
     st = stats[key]

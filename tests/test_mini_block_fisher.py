@@ -362,7 +362,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
       fo.mini_block_fisher_warm_start(state, [other])
 
   @parameterized.parameters('average', 'chunks')
-  def test_scan_stack_needs_layers(self, dense_blocks):
+  def test_scan_stack(self, dense_blocks):
     class Model(nn.Module):
 
       @nn.compact
@@ -383,9 +383,6 @@ class MiniBlockFisherTest(parameterized.TestCase):
     _, grads, stats = step_fn(params, x)
     (key, st), = stats.items()
     self.assertEqual(st.meta.stack_ndim, 1)
-    tx = fo.scale_by_mini_block_fisher(**_KW)
-    with self.assertRaisesRegex(ValueError, f'{key!r}.*layers='):
-      tx.update(grads, tx.init(params), layer_stats=stats)
     layers = jax.eval_shape(step_fn, params, x)[2]
     tx = fo.scale_by_mini_block_fisher(**_KW, layers=layers,
                                        dense_blocks=dense_blocks)
@@ -393,6 +390,10 @@ class MiniBlockFisherTest(parameterized.TestCase):
     self.assertEqual(state.stats[key][dense_blocks].shape, (3, 1, 4, 4))
     updates, _ = jax.jit(lambda g, s: tx.update(g, s, layer_stats=stats))(
         grads, state)
+    # The stack is also read off the parameters (the bias is (3, 4)).
+    guessed = fo.scale_by_mini_block_fisher(**_KW, dense_blocks=dense_blocks)
+    chex.assert_trees_all_close(guessed.update(
+        grads, guessed.init(params), layer_stats=stats)[0], updates)
     # Each stack slice is an independent dense layer.
     for layer in range(3):
       sliced = jax.tree.map(lambda a, i=layer: a[i], grads)
@@ -406,18 +407,27 @@ class MiniBlockFisherTest(parameterized.TestCase):
     class Model(nn.Module):
 
       @nn.compact
-      def __call__(self, x):
-        return nn.DenseGeneral((2, 3), axis=-1)(x)
+      def __call__(self, x, use_bias=True):
+        return nn.DenseGeneral((2, 3), axis=-1, use_bias=use_bias)(x)
 
     model = Model()
     x = jnp.ones((4, 5))
+    # Without a bias the parameters cannot tell (5, 2, 3) from a conv
+    # kernel: the captured kind is checked and layers= is asked for.
+    params = model.init(jax.random.key(0), x, False)['params']
+    loss = lambda p, x: jnp.mean(model.apply({'params': p}, x, False) ** 2)
+    _, grads, stats = fo.linen.value_grad_and_stats(loss)(params, x)
+    tx = fo.scale_by_mini_block_fisher(**_KW)
+    with self.assertRaisesRegex(ValueError, 'DenseGeneral.*layers='):
+      tx.update(grads, tx.init(params), layer_stats=stats)
     params = model.init(jax.random.key(0), x)['params']
     loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
     step_fn = fo.linen.value_grad_and_stats(loss)
     _, grads, stats = step_fn(params, x)
-    tx = fo.scale_by_mini_block_fisher(**_KW)
-    with self.assertRaisesRegex(ValueError, 'DenseGeneral.*layers='):
-      tx.update(grads, tx.init(params), layer_stats=stats)
+    # With its (2, 3) bias the outputs are read off the parameters.
+    guessed = fo.scale_by_mini_block_fisher(**_KW)
+    guessed = guessed.update(grads, guessed.init(params),
+                             layer_stats=stats)[0]
     tx = fo.scale_by_mini_block_fisher(
         **_KW, layers=jax.eval_shape(step_fn, params, x)[2])
     state = tx.init(params)
@@ -429,6 +439,7 @@ class MiniBlockFisherTest(parameterized.TestCase):
     want = _reference([{'L': flat}], **_ref_kw())[0]
     assert_close(updates['DenseGeneral_0']['kernel'].reshape(5, 6),
                  want['L/kernel'], rtol=1e-4, scale_atol=1e-5)
+    chex.assert_trees_all_close(guessed, updates)
 
   def test_bad_options_are_named(self):
     for kw, name in ((dict(block_size=0), 'block_size'),
