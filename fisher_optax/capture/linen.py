@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from fisher_optax import _base
+from fisher_optax._train_state import TrainState  # noqa: F401  re-exported
 from fisher_optax.capture import _layers
 
 INPUTS = 'fo_inputs'
