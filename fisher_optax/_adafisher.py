@@ -518,6 +518,11 @@ Args:
     ``jax.jit`` with sharded arrays, where reductions are global already.
   mask: pytree of booleans (or a callable) selecting the parameters that
     weight decay applies to.
+  loss_scale: how many times your loss exceeds the loss the defaults are
+    set for, a mean over examples (784 for a loss summed over 784 pixels,
+    the batch size for a sum over the batch). Gradients and captured
+    cotangents are divided by it: the optimizer takes exactly the steps it
+    takes on ``loss / loss_scale``.
 
 Returns:
   The corresponding :class:`optax.GradientTransformationExtraArgs`; its
@@ -567,18 +572,20 @@ def adafisher(
     mu_dtype: Any = None,
     axis_name: str | None = None,
     mask: Any = None,
+    loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   _check_hyperparams('adafisher', learning_rate=learning_rate, b1=b1,
                      damping=damping, fisher_decay=fisher_decay, eps=eps,
                      weight_decay=weight_decay, fallback_b2=fallback_b2,
                      fallback_eps=fallback_eps)
-  return _base.with_l2(
+  return _base.with_loss_scale(_base.with_l2(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
                          fallback_eps=fallback_eps, mu_dtype=mu_dtype,
                          axis_name=axis_name),
-      learning_rate, weight_decay, mask, where='adafisher')
+      learning_rate, weight_decay, mask, where='adafisher'), loss_scale,
+                                'adafisher')
 
 
 def adafisherw(
@@ -597,12 +604,13 @@ def adafisherw(
     mu_dtype: Any = None,
     axis_name: str | None = None,
     mask: Any = None,
+    loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   _check_hyperparams('adafisherw', learning_rate=learning_rate, b1=b1,
                      damping=damping, fisher_decay=fisher_decay, eps=eps,
                      weight_decay=weight_decay, fallback_b2=fallback_b2,
                      fallback_eps=fallback_eps)
-  return optax.chain(
+  return _base.with_loss_scale(optax.chain(
       scale_by_adafisher(b1, damping, fisher_decay, eps,
                          stats_every=stats_every, mode=mode,
                          fallback=fallback, fallback_b2=fallback_b2,
@@ -610,7 +618,7 @@ def adafisherw(
                          axis_name=axis_name),
       _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ), loss_scale, 'adafisherw')
 
 
 adafisher.__doc__ = _DOC.format(

@@ -464,6 +464,49 @@ def shape_of(x: Any) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
+LOSS_SCALE_DOC = (
+    'how many times your loss exceeds the loss the hyperparameters are '
+    'set for, a mean over examples: 784 for a loss summed over 784 pixels, '
+    'the batch size for a sum over the batch. Gradients and captured '
+    'cotangents are divided by it, so the optimizer takes exactly the '
+    'steps it takes on ``loss / loss_scale`` and the documented learning '
+    'rates and dampings apply.')
+
+
+def with_loss_scale(tx: optax.GradientTransformation, loss_scale: Any,
+                    where: str) -> optax.GradientTransformationExtraArgs:
+  """``tx`` run on the gradients and statistics of ``loss / loss_scale``.
+
+  Every optimizer's step scales with the loss in its own way (Adam's not at
+  all, SGD's and AdaFisher's linearly, the Kronecker family's and MBF's
+  inversely while the damping is small: ``docs/choosing.md``). Dividing
+  what the loss produces, gradients and output cotangents alike, by the
+  stated scale makes a summed loss train with the settings of a mean one.
+  """
+  check_hyperparams(where, positive={'loss_scale': loss_scale})
+  if isinstance(loss_scale, (int, float)) and loss_scale == 1:
+    return optax.with_extra_args_support(tx)
+  inv = 1.0 / loss_scale
+
+  def scale(x):
+    if is_masked(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return x
+    return x * jnp.asarray(inv, jnp.result_type(x))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates = jax.tree.map(scale, updates, is_leaf=is_masked)
+    stats = extra_args.get('layer_stats')
+    if isinstance(stats, Mapping) and all(
+        isinstance(v, LayerStats) for v in stats.values()):
+      extra_args['layer_stats'] = {
+          k: LayerStats(v.a, scale(v.g), v.meta, v.extras)
+          for k, v in stats.items()}
+    return optax.with_extra_args_support(tx).update(
+        updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def with_l2(preconditioner: optax.GradientTransformation,
             learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
             mask: Any = None, *, where: str = 'optimizer'

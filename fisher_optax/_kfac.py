@@ -125,6 +125,7 @@ def kfac(
     decay_schedule: str = 'constant',
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
+    loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC with heavy-ball momentum (or Adam-style, see below).
 
@@ -207,6 +208,11 @@ def kfac(
     axis_name: data-parallel axis to ``pmean`` statistics over under
       ``shard_map``/``pmap``.
     mask: weight-decay mask.
+    loss_scale: how many times your loss exceeds the loss the defaults are
+      set for, a mean over examples (784 for a loss summed over 784
+      pixels, the batch size for a sum over the batch). Gradients and
+      captured cotangents are divided by it: the optimizer takes exactly
+      the steps it takes on ``loss / loss_scale``.
     decay_schedule: ``'constant'`` or ``'martens'`` (see above).
     l2_in_damping: add ``weight_decay`` to ``damping``.
     conv_scaling: EKFAC on convolutions: ``'per_example'`` (the paper's
@@ -248,7 +254,8 @@ def kfac(
   """
   if l2_in_damping:
     damping = damping + weight_decay
-  return _base.with_l2(
+  where = 'ekfac' if eigen_correction else 'kfac'
+  return _base.with_loss_scale(_base.with_l2(
       scale_by_kfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
@@ -257,8 +264,7 @@ def kfac(
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, eigen_correction=eigen_correction,
           decay_schedule=decay_schedule, conv_scaling=conv_scaling),
-      learning_rate, weight_decay, mask,
-      where='ekfac' if eigen_correction else 'kfac')
+      learning_rate, weight_decay, mask, where=where), loss_scale, where)
 
 
 scale_by_ekfac = functools.partial(scale_by_kfac, eigen_correction=True)

@@ -420,6 +420,7 @@ def mini_block_fisher(
     layers: Mapping[str, _base.LayerStats] | None = None,
     axis_name: str | None = None,
     mask: Any = None,
+    loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Mini-Block Fisher (MBF) with heavy-ball momentum and decoupled decay.
 
@@ -526,6 +527,11 @@ def mini_block_fisher(
     axis_name: data-parallel axis to ``pmean`` gradients over under
       ``shard_map``/``pmap`` (a no-op if they are already averaged).
     mask: weight-decay mask (integer leaves are never decayed).
+    loss_scale: how many times your loss exceeds the loss the defaults are
+      set for, a mean over examples (784 for a loss summed over 784
+      pixels, the batch size for a sum over the batch). Gradients and
+      captured cotangents are divided by it: the optimizer takes exactly
+      the steps it takes on ``loss / loss_scale``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
@@ -567,7 +573,7 @@ def mini_block_fisher(
                      fallback_eps)
   _base.check_hyperparams(where, nonnegative={'weight_decay': weight_decay},
                           finite={'learning_rate': learning_rate})
-  return optax.chain(
+  return _base.with_loss_scale(optax.chain(
       scale_by_mini_block_fisher(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
@@ -576,7 +582,7 @@ def mini_block_fisher(
           fallback_eps=fallback_eps, layers=layers, axis_name=axis_name),
       _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ), loss_scale, where)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -148,6 +148,7 @@ def tkfac(
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
     dense_damping: str = 'beta',
+    loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""TKFAC: trace-restricted K-FAC (the paper's TKFAC_nor).
 
@@ -213,6 +214,11 @@ def tkfac(
     axis_name: data-parallel axis for ``pmean`` under ``shard_map``/``pmap``.
     conv_damping: ``'normal'`` or ``'adaptive'`` (convolutions only).
     mask: weight-decay mask.
+    loss_scale: how many times your loss exceeds the loss the defaults are
+      set for, a mean over examples (784 for a loss summed over 784
+      pixels, the batch size for a sum over the batch). Gradients and
+      captured cotangents are divided by it: the optimizer takes exactly
+      the steps it takes on ``loss / loss_scale``.
     decay_schedule: ``'constant'`` or ``'martens'``, see
       :func:`fisher_optax.kfac`.
     l2_in_damping: add ``weight_decay`` to ``damping``.
@@ -255,7 +261,8 @@ def tkfac(
   """
   if l2_in_damping:
     damping = damping + weight_decay
-  return _base.with_l2(
+  where = 'tekfac' if eigen_correction else 'tkfac'
+  return _base.with_loss_scale(_base.with_l2(
       scale_by_tkfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
@@ -265,8 +272,7 @@ def tkfac(
           axis_name=axis_name, eigen_correction=eigen_correction,
           conv_damping=conv_damping, decay_schedule=decay_schedule,
           conv_scaling=conv_scaling, dense_damping=dense_damping),
-      learning_rate, weight_decay, mask,
-      where='tekfac' if eigen_correction else 'tkfac')
+      learning_rate, weight_decay, mask, where=where), loss_scale, where)
 
 
 scale_by_tekfac = functools.partial(scale_by_tkfac, eigen_correction=True)

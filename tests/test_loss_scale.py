@@ -121,5 +121,70 @@ class LossScaleTest(parameterized.TestCase):
                        0.5 * np.max(np.abs(base[0])))
 
 
+# The library's optimizers at their defaults (periods of 1, so that three
+# steps refresh every statistic and inverse).
+_FISHER = {
+    'adafisher': lambda **kw: fo.adafisher(1e-2, **_PERIODS, **kw),
+    'adafisher_reference': lambda **kw: fo.adafisher(
+        1e-2, mode='reference', **_PERIODS, **kw),
+    'adafisherw': lambda **kw: fo.adafisherw(1e-2, **_PERIODS, **kw),
+    'kfac': lambda **kw: fo.kfac(1e-3, **_KRONECKER, **kw),
+    'ekfac': lambda **kw: fo.ekfac(1e-3, **_KRONECKER, **kw),
+    'tkfac': lambda **kw: fo.tkfac(1e-3, **_KRONECKER, **kw),
+    'tekfac': lambda **kw: fo.tekfac(1e-3, **_KRONECKER, **kw),
+    'mini_block_fisher': lambda **kw: fo.mini_block_fisher(
+        1e-5, **_KRONECKER, **kw),
+}
+PIXELS = 784.0
+
+
+def _three_steps(tx, scale):
+  """Parameters after three steps on ``scale`` times the mean loss."""
+  model = Mlp()
+  x = jax.random.normal(jax.random.key(0), (16, 4), jnp.float64)
+  y = jax.random.normal(jax.random.key(1), (16, 3), jnp.float64)
+  params = model.init(jax.random.key(2), x)['params']
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  loss = lambda p, x, y: scale * jnp.mean(
+      (model.apply({'params': p}, x) - y) ** 2)
+  step = fo.linen.value_grad_and_stats(loss)
+
+  @jax.jit
+  def train(params):
+    state = tx.init(params)
+    for _ in range(3):
+      _, grads, stats = step(params, x, y)
+      updates, state = tx.update(grads, state, params, layer_stats=stats)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  return [np.asarray(p) for p in jax.tree.leaves(train(params))]
+
+
+class LossScaleOptionTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_FISHER.items())
+  def test_a_summed_loss_trains_as_the_mean_one(self, factory):
+    """Reference: the same optimizer on the mean loss (float64)."""
+    with jax.enable_x64(True):
+      want = _three_steps(factory(), 1.0)
+      got = _three_steps(factory(loss_scale=PIXELS), PIXELS)
+      unscaled = _three_steps(factory(), PIXELS)
+      start = _three_steps(factory(), 0.0)  # a zero loss does not move
+    moved = max(np.max(np.abs(w - s)) for w, s in zip(want, start))
+    self.assertGreater(moved, 0.0)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * moved)
+    # Without the option the summed loss takes other steps.
+    self.assertGreater(
+        max(np.max(np.abs(u - w)) for u, w in zip(unscaled, want)),
+        1e-3 * moved)
+
+  def test_loss_scale_must_be_positive(self):
+    for factory in _FISHER.values():
+      with self.assertRaisesRegex(ValueError, 'loss_scale'):
+        factory(loss_scale=0.0)
+
+
 if __name__ == '__main__':
   absltest.main()
