@@ -163,9 +163,12 @@ class HyperparameterTest(parameterized.TestCase):
         grads, s, params, layer_stats=stats))(plain.init(params))
     u2, _ = jax.jit(lambda s: injected.update(
         grads, s, params, layer_stats=stats))(injected.init(params))
+    # Injected, loss_scale is a traced 1.0: the same arithmetic, compiled
+    # into other fusions, so the float32 factors' inverses round
+    # differently (up to 1e-5 of the update's scale seen).
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
       np.testing.assert_allclose(a, b, rtol=1e-5,
-                                 atol=1e-6 * float(np.max(np.abs(a))))
+                                 atol=1e-4 * float(np.max(np.abs(a))))
 
 
 class _Mixed(nn.Module):

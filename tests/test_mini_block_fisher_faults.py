@@ -470,8 +470,10 @@ class FrozenAndForeignTest(parameterized.TestCase):
       tx.update(grads, tx.init(params), layer_stats=stats)
 
   def test_nnx_layers_hint(self):
+    # Bias-less, its (5, 2, 3) kernel has the parameters of a 1-D conv: the
+    # guess from the parameters is wrong and the captured kind says so.
     model = nnx.Sequential(
-        nnx.LinearGeneral(5, (2, 3), rngs=nnx.Rngs(0)))
+        nnx.LinearGeneral(5, (2, 3), use_bias=False, rngs=nnx.Rngs(0)))
     x = jnp.ones((4, 5))
     loss = lambda m, x: jnp.mean(m(x) ** 2)
     _, grads, stats = fo.nnx.value_grad_and_stats(loss)(model, x)
