@@ -966,6 +966,9 @@ class SubclassTest(absltest.TestCase):
     _, ref_grads = plain(model, x)
     assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
     self.assertEqual(set(stats), {'b'})
+    self.assertIn('NNXScaledLinear subclasses Linear but NNXScaledLinear '
+                  'overrides __call__',
+                  str(fo.coverage(nnx.state(model, nnx.Param), stats)))
 
 
 class MultiApplyTest(absltest.TestCase):

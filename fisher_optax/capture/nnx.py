@@ -339,6 +339,14 @@ def _model_grads(grads):
 def _assemble(model, inter, cotangents):
   modules = {'/'.join(str(k) for k in path): m
              for path, m in nnx.iter_modules(model)}
+  for path, module in modules.items():
+    if _layers.lookup('nnx', type(module)) is None:
+      continue
+    try:
+      _layers.check_not_overridden('nnx', type(module))
+      _layers.SKIPPED.pop(path, None)
+    except _layers.Unsupported as e:
+      _layers.SKIPPED[path] = str(e)
   params = _base.flatten_with_paths(nnx.state(model, nnx.Param))
   inter = _nested(inter)
   cotangents = _nested(cotangents)
