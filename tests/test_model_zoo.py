@@ -10,10 +10,12 @@ steps on a fixed batch by each optimizer of the package, and must lower its
 loss, stay finite and move every trainable parameter. ``fo.coverage`` of
 each model says which parameters get curvature and which the fallback.
 
-The one concession to the package is ``layers=``, the ``layer_stats`` of
-one step (from ``eval_shape``), which the Kronecker optimizers and MBF need
-for stacked, multi-axis and multi-output layers; it is built in one place,
-``_optimizer``.
+The optimizers are built as a user builds them: the learning rate, and
+``loss_scale=`` for the VAE's loss summed over pixels. No ``layers=``: since
+``init(params)`` infers stacked, attention and multi-output layouts, every
+model here trains without it (before that, the Kronecker optimizers and MBF
+needed it for the attention, scanned and recurrent models). ``_optimizer``
+is the one place to pass it again should a model need it.
 """
 
 import dataclasses
@@ -29,19 +31,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fisher_optax as fo
 
 STEPS = 5
 BATCH = 8
 
-# Small, robust learning rates for 5 steps on a fixed batch. AdaFisher's
-# step is about learning_rate / damping times the momentum; the Kronecker
-# family's is in natural-gradient units at damping 1e-2; MBF's is at most
-# learning_rate / damping times the momentum, at damping 1e-4.
+# Learning rates at the default dampings that lower every model's loss
+# within 5 steps: AdaFisher's and MBF's are their defaults, the Kronecker
+# family's is in natural-gradient units (docs/choosing.md).
 LEARNING_RATES = {
-    'adafisher': 1e-3,
-    'adafisherw': 1e-3,
+    'adafisher': 1e-2,
+    'adafisherw': 1e-2,
     'kfac': 1e-3,
     'ekfac': 1e-3,
     'tkfac': 1e-3,
@@ -51,27 +53,25 @@ LEARNING_RATES = {
 OPTIMIZERS = tuple(LEARNING_RATES)
 
 
-def _optimizer(name, layers, loss_scale=1.0):
-  """The optimizer `name`, given `layers=` where its factory takes it.
+def _optimizer(name, loss_scale=1.0, layers=None):
+  """The optimizer `name` at its zoo learning rate.
 
   Args:
     name: a key of `LEARNING_RATES`.
-    layers: the layer_stats of one step (shapes only).
-    loss_scale: how many times larger than a batch mean the loss is (a sum
-      over pixels); methods whose step grows with the loss's scale get
-      their learning rate divided by it (docs/choosing.md).
+    loss_scale: how many times a mean the loss is (a sum over pixels).
+    layers: the layer_stats of one step (shapes only), passed to the
+      factories that take `layers=`; None (the user's default) when every
+      model trains without it.
 
   Returns:
     The optimizer.
   """
   factory = getattr(fo, name)
-  learning_rate = LEARNING_RATES[name]
-  if name.startswith('adafisher'):
-    learning_rate /= loss_scale
   kwargs = {}
-  if 'layers' in inspect.signature(factory).parameters:
+  if layers is not None and 'layers' in inspect.signature(
+      factory).parameters:
     kwargs['layers'] = layers
-  return factory(learning_rate, **kwargs)
+  return factory(LEARNING_RATES[name], loss_scale=loss_scale, **kwargs)
 
 
 def _normal(seed, shape):
@@ -562,16 +562,19 @@ class NNXTask:
   """An NNX model's training problem.
 
   Attributes:
-    model: a fresh model (built per test: NNX models change in place).
+    model: the initial model (tests train `nnx.clone`s of it).
     loss_fn: `loss_fn(model, *args)`.
-    args: the loss's arguments after the model (may hold nnx.Rngs).
+    args: `args() -> tuple`, fresh arguments after the model (they may hold
+      an `nnx.Rngs`, which training advances).
     use_nnx_optimizer: train with `nnx.Optimizer` under `nnx.jit`, else with
       `nnx.split`/`nnx.merge` and `tx.update` under `jax.jit`.
+    loss_scale: the loss's size against a batch mean.
   """
   model: nnx.Module
   loss_fn: Callable[..., Any]
-  args: tuple[Any, ...]
+  args: Callable[[], tuple[Any, ...]]
   use_nnx_optimizer: bool = True
+  loss_scale: float = 1.0
 
 
 def cross_entropy_loss(logits, labels):
@@ -731,7 +734,8 @@ def _nnx_cnn():
     return optax.softmax_cross_entropy_with_integer_labels(
         logits=logits, labels=labels).mean()
 
-  return NNXTask(model, loss_fn, (images, labels, nnx.Rngs(dropout=1)))
+  return NNXTask(model, loss_fn,
+                 lambda: (images, labels, nnx.Rngs(dropout=1)))
 
 
 def _nnx_scan():
@@ -744,7 +748,8 @@ def _nnx_scan():
     return optax.softmax_cross_entropy_with_integer_labels(
         logits=logits, labels=labels).mean()
 
-  return NNXTask(model, loss_fn, (x, labels), use_nnx_optimizer=False)
+  return NNXTask(model, loss_fn, lambda: (x, labels),
+                 use_nnx_optimizer=False)
 
 
 TASKS = {
@@ -766,24 +771,44 @@ TASKS = {
 # Training and coverage.
 
 
-def _params_and_layers(task):
-  """The trainable parameters and the layer_stats shapes of one step."""
+@functools.cache
+def _task(model):
+  """TASKS[model]() with its parameters and the layer_stats of one step.
+
+  Built once per process: eager `init` of these models costs as much CPU
+  as a compile, and nothing mutates a task (NNX tests train clones).
+
+  Args:
+    model: a key of TASKS.
+
+  Returns:
+    `(task, params, layers)`: `params` the trainable parameters, `layers`
+    the layer_stats shapes from `eval_shape`.
+  """
+  task = TASKS[model]()
   if isinstance(task, LinenTask):
     step_fn = fo.linen.value_grad_and_stats(task.loss_fn,
                                             has_aux=task.has_aux)
     layers = jax.eval_shape(step_fn, task.params,
                             *task.args(task.carry, 0))[2]
-    return task.params, layers
+    return task, task.params, layers
   step_fn = fo.nnx.value_grad_and_stats(task.loss_fn)
-  layers = nnx.eval_shape(step_fn, task.model, *task.args)[2]
-  return nnx.state(task.model, nnx.Param), layers
+  layers = nnx.eval_shape(step_fn, task.model, *task.args())[2]
+  return task, nnx.state(task.model, nnx.Param), layers
+
+
+# Compiling dominates these tests; XLA's backend optimisations double its
+# time and buy nothing for 5 steps of tiny models. (nnx.jit has no
+# compiler_options, so the nnx.Optimizer path compiles at the default.)
+_jit = functools.partial(
+    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
 def _train_linen(task, tx):
   """(losses, initial params, final params) after STEPS jitted steps."""
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn, has_aux=task.has_aux)
 
-  @jax.jit
+  @_jit
   def train_step(params, opt_state, carry, step):
     out, grads, stats = step_fn(params, *task.args(carry, step))
     if task.has_aux:
@@ -807,7 +832,7 @@ def _train_linen(task, tx):
 
 def _train_nnx(task, tx):
   """(losses, initial params, final params) after STEPS jitted steps."""
-  model, args = task.model, task.args
+  model, args = nnx.clone(task.model), task.args()
   step_fn = fo.nnx.value_grad_and_stats(task.loss_fn)
   initial = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   losses = []
@@ -825,7 +850,7 @@ def _train_nnx(task, tx):
   else:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
+    @_jit
     def train_step(params, rest, opt_state, *args):
       model = nnx.merge(graphdef, params, rest)
       loss, grads, stats = step_fn(model, *args)
@@ -844,35 +869,124 @@ def _train_nnx(task, tx):
   return losses, initial, nnx.state(model, nnx.Param)
 
 
-_SKIPS = {}
+def _elements(shape):
+  return int(np.prod(shape)) if isinstance(shape, tuple) else 0
 
 
-class ModelZooTest(parameterized.TestCase):
+def coverage_rows(model):
+  """`fo.coverage` of a zoo model, from the layer_stats shapes of one step."""
+  _, params, layers = _task(model)
+  return fo.coverage(params, layers)
 
-  @parameterized.named_parameters(
-      (f'{model}_{opt}', model, opt) for model in TASKS for opt in OPTIMIZERS)
-  def test_trains(self, model, opt):
-    why = _SKIPS.get((model, opt)) or _SKIPS.get((model, None))
+
+def fallback_parameters(model):
+  """{parameter path: element count} of the parameters with no curvature."""
+  return {path: _elements(shape)
+          for path, shape, _, preconditioner in coverage_rows(model)
+          if preconditioner.startswith(('fallback', 'frozen'))}
+
+
+def coverage_table(models=None):
+  """A Markdown table: model, parameters, share with curvature, fallbacks."""
+  lines = ['| model | parameters | share with curvature | fallback |',
+           '|---|---|---|---|']
+  for model in models or TASKS:
+    total = sum(_elements(shape) for _, shape, _, _ in coverage_rows(model))
+    fallback = fallback_parameters(model)
+    share = 1 - sum(fallback.values()) / total
+    names = ', '.join(f'`{p}`' for p in sorted(fallback)) or '-'
+    lines.append(f'| {model} | {total} | {share:.1%} | {names} |')
+  return '\n'.join(lines)
+
+
+# Parameters that get the optimizers' fallback, and why: the layers fo
+# captures are listed in docs/capture.md; everything else is a raw
+# self.param or a layer it does not capture.
+EXPECTED_FALLBACK = {
+    'transformer': {'pos_embedding'},  # a raw self.param
+    'resnet': set(),
+    'lstm': set(),
+    'seq2seq': set(),
+    'vae': set(),
+    'vit': {'cls', 'pos_embedding'},  # raw self.params
+    'mixer': set(),
+    # ConvTranspose is not captured (docs/capture.md).
+    'unet': {'ConvTranspose_0/bias', 'ConvTranspose_0/kernel'},
+    'nnx_cnn': set(),
+    'nnx_scan': set(),
+    'linen_scan': set(),
+}
+
+# Model and optimizer pairs that fail for a reason in the library:
+# {(model, optimizer or None for all): 'one line why'}.
+_LIBRARY_FAILURES = {}
+
+# The models whose compile takes longest train with one optimizer of each
+# family by default (AdaFisher, K-FAC, TKFAC, MBF); their other variants,
+# which share those code paths, run with `-m slow`.
+_HEAVY = ('transformer', 'resnet', 'vit', 'mixer', 'unet', 'nnx_cnn',
+          'seq2seq')
+_VARIANTS = ('adafisherw', 'ekfac', 'tekfac')
+
+
+def _cases(slow):
+  return [(f'{model}_{opt}', model, opt) for model in TASKS
+          for opt in OPTIMIZERS
+          if (model in _HEAVY and opt in _VARIANTS) == slow]
+
+
+class _TrainMixin:
+
+  def check_trains(self, model, opt):
+    why = (_LIBRARY_FAILURES.get((model, opt))
+           or _LIBRARY_FAILURES.get((model, None)))
     if why:
       self.skipTest(f'library: {why}')
-    task = TASKS[model]()
-    _, layers = _params_and_layers(task)
-    tx = _optimizer(opt, layers,
-                    getattr(task, 'loss_scale', 1.0))
+    task = _task(model)[0]
+    tx = _optimizer(opt, task.loss_scale)
     if isinstance(task, LinenTask):
       losses, initial, final = _train_linen(task, tx)
     else:
       losses, initial, final = _train_nnx(task, tx)
     self.assertTrue(np.all(np.isfinite(losses)), losses)
     self.assertLess(losses[-1], losses[0], losses)
+    paths = [jax.tree_util.keystr(path) for path, _ in
+             jax.tree_util.tree_leaves_with_path(initial)]
     unchanged = [
-        jax.tree_util.keystr(path)
-        for path, old, new in zip(
-            *zip(*jax.tree_util.tree_leaves_with_path(initial)),
-            jax.tree.leaves(final))
+        path for path, old, new in zip(paths, jax.tree.leaves(initial),
+                                       jax.tree.leaves(final))
         if not np.any(np.asarray(new) != np.asarray(old))]
     self.assertEqual(unchanged, [], f'parameters that did not move: '
                      f'{unchanged}; losses {losses}')
+
+
+class ModelZooTest(_TrainMixin, parameterized.TestCase):
+
+  @parameterized.named_parameters(_cases(slow=False))
+  def test_trains(self, model, opt):
+    self.check_trains(model, opt)
+
+
+@pytest.mark.slow
+class ModelZooVariantsTest(_TrainMixin, parameterized.TestCase):
+
+  @parameterized.named_parameters(_cases(slow=True))
+  def test_trains(self, model, opt):
+    self.check_trains(model, opt)
+
+
+class ModelZooCoverageTest(parameterized.TestCase):
+
+  @parameterized.named_parameters((model, model) for model in TASKS)
+  def test_coverage(self, model):
+    print(f'\n{model}:\n{coverage_rows(model)}')
+    self.assertEqual(set(fallback_parameters(model)),
+                     EXPECTED_FALLBACK[model])
+
+  def test_coverage_table(self):
+    table = coverage_table()
+    print('\n' + table)
+    self.assertEqual(len(table.splitlines()), 2 + len(TASKS))
 
 
 if __name__ == '__main__':
