@@ -53,6 +53,15 @@ LEARNING_RATES = {
 OPTIMIZERS = tuple(LEARNING_RATES)
 
 
+# Compiling dominates these tests; XLA's backend optimisations double its
+# time and buy nothing for 5 steps of tiny models. Models are initialised
+# under it too (as the Flax ImageNet example does with jax.jit): eagerly,
+# every op compiles on its own. (nnx.jit has no compiler_options, so the
+# nnx.Optimizer path compiles at the default.)
+_jit = functools.partial(
+    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
 def _optimizer(name, loss_scale=1.0, layers=None):
   """The optimizer `name` at its zoo learning rate.
 
@@ -585,7 +594,7 @@ def cross_entropy_loss(logits, labels):
 def _transformer():
   model = TransformerLM()
   tokens = _integers(0, model.vocab_size, (BATCH, model.max_len + 1))
-  params = model.init(jax.random.key(0), tokens[:, :-1])['params']
+  params = _jit(model.init)(jax.random.key(0), tokens[:, :-1])['params']
 
   def loss_fn(params, tokens, dropout_rng):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -602,7 +611,7 @@ def _resnet():
   model = ResNet()
   images = _normal(1, (BATCH, 16, 16, 3))
   labels = _integers(2, model.num_classes, (BATCH,))
-  variables = model.init(jax.random.key(0), images, train=False)
+  variables = _jit(model.init)(jax.random.key(0), images)
   weight_decay = 1e-4
 
   def loss_fn(params, batch_stats, images, labels):
@@ -628,7 +637,7 @@ def _lstm():
   model = LSTMClassifier()
   tokens = _integers(3, model.vocab_size, (BATCH, 8))
   labels = _integers(4, model.num_classes, (BATCH,))
-  params = model.init(jax.random.key(0), tokens)['params']
+  params = _jit(model.init)(jax.random.key(0), tokens)['params']
 
   def loss_fn(params, tokens, labels):
     logits = model.apply({'params': params}, tokens)
@@ -644,7 +653,8 @@ def _seq2seq():
   # Teacher forcing: the decoder reads the answer shifted right behind a
   # start token (0) and predicts the answer.
   decoder_inputs = np.pad(answers[:, :-1], ((0, 0), (1, 0)))
-  params = model.init(jax.random.key(0), questions, decoder_inputs)['params']
+  params = _jit(model.init)(jax.random.key(0), questions,
+                            decoder_inputs)['params']
 
   def loss_fn(params, encoder_inputs, decoder_inputs, targets):
     logits = model.apply({'params': params}, encoder_inputs, decoder_inputs)
@@ -657,7 +667,7 @@ def _seq2seq():
 def _vae():
   model = VAE()
   images = (_normal(7, (BATCH, 64)) > 0).astype(np.float32)
-  params = model.init({'params': jax.random.key(0),
+  params = _jit(model.init)({'params': jax.random.key(0),
                        'sample': jax.random.key(1)}, images)['params']
 
   def loss_fn(params, batch, z_rng):
@@ -676,7 +686,7 @@ def _vit():
   model = ViT()
   images = _normal(8, (BATCH, 16, 16, 3))
   labels = _integers(9, model.num_classes, (BATCH,))
-  params = model.init(jax.random.key(0), images)['params']
+  params = _jit(model.init)(jax.random.key(0), images)['params']
 
   def loss_fn(params, images, labels, dropout_rng):
     logits = model.apply({'params': params}, images, train=True,
@@ -691,7 +701,7 @@ def _mixer():
   model = MlpMixer()
   images = _normal(10, (BATCH, 16, 16, 3))
   labels = _integers(11, model.num_classes, (BATCH,))
-  params = model.init(jax.random.key(0), images)['params']
+  params = _jit(model.init)(jax.random.key(0), images)['params']
 
   def loss_fn(params, images, labels):
     logits = model.apply({'params': params}, images, train=True)
@@ -704,7 +714,7 @@ def _unet():
   model = UNet()
   clean = _normal(12, (BATCH, 8, 8, 1))
   noisy = clean + 0.5 * _normal(13, clean.shape)
-  params = model.init(jax.random.key(0), noisy)['params']
+  params = _jit(model.init)(jax.random.key(0), noisy)['params']
 
   def loss_fn(params, noisy, clean):
     return jnp.mean((model.apply({'params': params}, noisy) - clean) ** 2)
@@ -716,7 +726,7 @@ def _scanned_linen():
   model = ScannedResMLP()
   x = _normal(14, (BATCH, 8))
   labels = _integers(15, model.num_classes, (BATCH,))
-  params = model.init(jax.random.key(0), x)['params']
+  params = _jit(model.init)(jax.random.key(0), x)['params']
 
   def loss_fn(params, x, labels):
     return cross_entropy_loss(model.apply({'params': params}, x), labels)
@@ -797,13 +807,6 @@ def _task(model):
   return task, nnx.state(task.model, nnx.Param), layers
 
 
-# Compiling dominates these tests; XLA's backend optimisations double its
-# time and buy nothing for 5 steps of tiny models. (nnx.jit has no
-# compiler_options, so the nnx.Optimizer path compiles at the default.)
-_jit = functools.partial(
-    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
 def _train_linen(task, tx):
   """(losses, initial params, final params) after STEPS jitted steps."""
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn, has_aux=task.has_aux)
@@ -821,7 +824,7 @@ def _train_linen(task, tx):
     return optax.apply_updates(params, updates), opt_state, carry, loss
 
   params, carry = task.params, task.carry
-  opt_state = tx.init(params)
+  opt_state = _jit(tx.init)(params)
   losses = []
   for step in range(STEPS):
     params, opt_state, carry, loss = train_step(params, opt_state, carry,
@@ -860,7 +863,7 @@ def _train_nnx(task, tx):
       _, _, rest = nnx.split(model, nnx.Param, ...)
       return params, rest, opt_state, loss
 
-    opt_state = tx.init(params)
+    opt_state = _jit(tx.init)(params)
     for _ in range(STEPS):
       params, rest, opt_state, loss = train_step(params, rest, opt_state,
                                                  *args)
@@ -921,12 +924,13 @@ EXPECTED_FALLBACK = {
 # {(model, optimizer or None for all): 'one line why'}.
 _LIBRARY_FAILURES = {}
 
-# The models whose compile takes longest train with one optimizer of each
-# family by default (AdaFisher, K-FAC, TKFAC, MBF); their other variants,
-# which share those code paths, run with `-m slow`.
+# The models whose compile takes longest train by default with one
+# optimizer of each code path (AdaFisher, K-FAC for the Kronecker engine,
+# MBF); the variants, which share those paths (AdaFisherW; EKFAC, TKFAC and
+# TEKFAC), run on them with `-m slow`. The small models run everything.
 _HEAVY = ('transformer', 'resnet', 'vit', 'mixer', 'unet', 'nnx_cnn',
           'seq2seq')
-_VARIANTS = ('adafisherw', 'ekfac', 'tekfac')
+_VARIANTS = ('adafisherw', 'ekfac', 'tkfac', 'tekfac')
 
 
 def _cases(slow):
