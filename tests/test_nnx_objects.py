@@ -374,10 +374,11 @@ class NNXObjectsTest(parameterized.TestCase):
 
 
 class MultiOut(nnx.Module):
-  """A multi-output LinearGeneral: init(params) cannot infer its factors."""
+  """A bias-less multi-output LinearGeneral: init(params) cannot tell its
+  (3, 2, 4) kernel from a 1-D conv's, so it guesses the factors wrong."""
 
   def __init__(self, rngs):
-    self.proj = nnx.LinearGeneral(3, (2, 4), rngs=rngs)
+    self.proj = nnx.LinearGeneral(3, (2, 4), use_bias=False, rngs=rngs)
     self.drop = nnx.Dropout(0.25)
     self.out = nnx.Linear(8, 2, rngs=rngs)
 
