@@ -3,6 +3,29 @@
 Capture per-layer statistics from a Flax model with
 :func:`fisher_optax.linen.value_grad_and_stats` (or ``fisher_optax.nnx``),
 then pass them to an optimizer's ``update(..., layer_stats=...)``.
+
+Example:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+  >>> import fisher_optax as fo
+  >>> model = nn.Dense(1)
+  >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+  >>> y = x @ jnp.array([[1.0], [-2.0], [0.5]])
+  >>> params = model.init(jax.random.key(1), x)['params']
+  >>> loss_fn = lambda p: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+  >>> step_fn = fo.linen.value_grad_and_stats(loss_fn)
+  >>> tx = fo.kfac(learning_rate=0.5, damping=1e-3)
+  >>> opt_state = tx.init(params)
+  >>> first = loss_fn(params)
+  >>> @jax.jit
+  ... def train_step(params, opt_state):
+  ...   loss, grads, stats = step_fn(params)
+  ...   updates, opt_state = tx.update(grads, opt_state, params,
+  ...                                  layer_stats=stats)
+  ...   return optax.apply_updates(params, updates), opt_state, loss
+  >>> for _ in range(30):
+  ...   params, opt_state, loss = train_step(params, opt_state)
+  >>> bool(loss_fn(params) < 0.01 * first)
+  True
 """
 
 from fisher_optax import capture as _capture  # noqa: F401

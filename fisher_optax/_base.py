@@ -44,6 +44,20 @@ class LayerMeta:
     param_shapes: ``(name, shape)`` of each parameter including stack axes.
     stack_ndim: number of leading stack axes shared by ``a``, ``g`` and params.
     config: sorted ``(key, value)`` pairs of kind-specific static geometry.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((4, 2))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
+    >>> _, _, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> meta = stats[''].meta
+    >>> meta.kind, meta.module, meta.stack_ndim
+    ('dense', 'Dense', 0)
+    >>> meta.param_name('kernel'), meta.param_shape('kernel')
+    ('kernel', (2, 3))
   """
 
   kind: str
@@ -75,6 +89,24 @@ class LayerStats:
     extras: kind-specific arrays with the same leading axes (normalisation
       layers store the normalised input ``xhat``).
     meta: static :class:`LayerMeta`.
+
+  Example:
+    A dense layer's statistics give its kernel gradient,
+    ``sum_rows a^T g``:
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(3)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 2))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> st = stats['']  # the root module; submodules by their path
+    >>> st  # doctest: +NORMALIZE_WHITESPACE
+    LayerStats(kind='dense', module='Dense', a=(1, 4, 2), g=(1, 4, 3),
+               stack_ndim=0)
+    >>> bool(jnp.allclose(grads['kernel'], st.a[0].T @ st.g[0], atol=1e-6))
+    True
   """
 
   def __init__(self, a, g, meta: LayerMeta, extras=None):

@@ -128,7 +128,24 @@ def check_arrays(key: str, st: _base.LayerStats, where: str) -> None:
 
 
 class Coverage(list):
-  """Rows of :func:`coverage`; ``str()`` gives an aligned table."""
+  """Rows of :func:`coverage`; ``str()`` gives an aligned table.
+
+  Each row is ``(path, shape, layer, preconditioner)``.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((4, 2))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
+    >>> _, _, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> rows = fo.coverage(params, stats)
+    >>> rows[1]
+    ('kernel', (2, 3), '<root> Dense', 'dense kernel')
+    >>> [row[0] for row in rows if row[3].startswith('fallback')]
+    []
+  """
 
   def __str__(self):
     header = ('parameter', 'shape', 'layer', 'preconditioner')

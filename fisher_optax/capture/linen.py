@@ -23,6 +23,17 @@ which the layer's parameters are stacked (``nn.scan`` over layers) is a
 stack axis of the statistics; one over which they are broadcast (the time
 steps of ``nn.RNN``, an ``nn.vmap`` with ``variable_axes={'params': None}``)
 is weight sharing, and its entries become calls.
+
+Example:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import fisher_optax as fo
+  >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  >>> x = jnp.ones((4, 2))
+  >>> params = model.init(jax.random.key(0), x)['params']
+  >>> loss_fn = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
+  >>> loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params, x)
+  >>> {name: (st.a.shape, st.g.shape) for name, st in stats.items()}
+  {'layers_0': ((1, 4, 2), (1, 4, 8)), 'layers_2': ((1, 4, 8), (1, 4, 3))}
 """
 
 from __future__ import annotations
@@ -59,6 +70,27 @@ def capture_axes(axis: int = 0) -> dict[str, int]:
 
   Returns:
     ``{collection: axis}`` for fisher_optax's private collections.
+
+  Example:
+    Three stacked layers under ``nn.scan``: their statistics get the stack
+    axis in front, like the stacked parameters.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, _):
+    ...     return jnp.tanh(nn.Dense(4)(x)), None
+    >>> Stack = nn.scan(Block, length=3, split_rngs={'params': True},
+    ...                 variable_axes={'params': 0, **fo.linen.capture_axes()})
+    >>> model = Stack()
+    >>> x = jnp.ones((8, 4))
+    >>> params = model.init(jax.random.key(0), x, None)['params']
+    >>> loss_fn = lambda p: jnp.mean(model.apply({'params': p}, x, None)[0]
+    ...                              ** 2)
+    >>> _, _, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> stats['Dense_0'].a.shape, stats['Dense_0'].meta.stack_ndim
+    ((3, 1, 8, 4), 1)
   """
   return {c: axis for c in COLLECTIONS}
 
@@ -80,6 +112,33 @@ def register_layer(module_type: type, kind: str,
       Defaults to the stock names of that kind.
     describe: optional ``describe(module, input_shape) -> dict`` returning the
       geometry of that kind (see ``capture/_layers.py``).
+
+  Example:
+    A dense layer with its own parameter names; its statistics give its
+    kernel gradient, ``sum_rows a^T g``:
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> class MyDense(nn.Module):
+    ...   features: int
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     w = self.param('w', nn.initializers.lecun_normal(),
+    ...                    (x.shape[-1], self.features))
+    ...     b = self.param('b', nn.initializers.zeros, (self.features,))
+    ...     return x @ w + b
+    >>> fo.linen.register_layer(MyDense, 'dense',
+    ...                         params={'kernel': 'w', 'bias': 'b'})
+    >>> model = MyDense(3)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 2))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> st = stats['']
+    >>> print(st.meta.kind, st.a.shape, st.g.shape)
+    dense (1, 4, 2) (1, 4, 3)
+    >>> bool(jnp.allclose(grads['w'], st.a[0].T @ st.g[0], atol=1e-6))
+    True
   """
   _layers.register_layer('linen', module_type, kind, params, describe)
 
@@ -427,6 +486,14 @@ def sampled_cotangent(fisher: str, output, key):
   last axis, as a batch-mean loss would. In expectation over the samples
   the outer products of the resulting per-example gradients are the true
   Fisher of that likelihood.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> logits = jnp.zeros((4, 3))
+    >>> g = fo.linen.sampled_cotangent('softmax', logits, jax.random.key(0))
+    >>> g.shape, bool(jnp.allclose(g.sum(-1), 0.0, atol=1e-6))
+    ((4, 3), True)
   """
   output = jax.lax.stop_gradient(output).astype(jnp.float32)
   rows = max(1, output.size // output.shape[-1])

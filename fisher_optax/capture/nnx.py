@@ -17,6 +17,18 @@ objects)``, which updates RNG counters and BatchNorm statistics once,
 exactly as ``nnx.value_and_grad(loss_fn)`` would. Other arguments stay
 closed over (Python flags stay static). Only the modules of ``model`` are
 captured; layers of other models run unchanged.
+
+Example:
+  >>> from flax import nnx
+  >>> import jax.numpy as jnp
+  >>> import fisher_optax as fo
+  >>> model = nnx.Sequential(nnx.Linear(2, 8, rngs=nnx.Rngs(0)), nnx.relu,
+  ...                        nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+  >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+  >>> x = jnp.ones((4, 2))
+  >>> loss, grads, stats = fo.nnx.value_grad_and_stats(loss_fn)(model, x)
+  >>> {name: (st.a.shape, st.g.shape) for name, st in stats.items()}
+  {'layers/0': ((1, 4, 2), (1, 4, 8)), 'layers/2': ((1, 4, 8), (1, 4, 3))}
 """
 
 from __future__ import annotations
@@ -45,6 +57,36 @@ def register_layer(module_type: type, kind: str,
 
   See :func:`fisher_optax.linen.register_layer`; ``params`` names the
   module's ``nnx.Param`` attributes.
+
+  Args:
+    module_type: the ``nnx.Module`` subclass.
+    kind: ``'dense'``, ``'conv'``, ``'embed'`` or ``'norm'``.
+    params: role -> attribute name, e.g. ``{'kernel': 'w', 'bias': 'b'}``.
+      Defaults to the stock names of that kind.
+    describe: optional ``describe(module, input_shape) -> dict`` returning the
+      geometry of that kind (see ``capture/_layers.py``).
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> class MyLinear(nnx.Module):
+    ...   def __init__(self, din, dout, *, rngs):
+    ...     self.w = nnx.Param(jax.random.normal(rngs.params(), (din, dout)))
+    ...     self.b = nnx.Param(jnp.zeros((dout,)))
+    ...   def __call__(self, x):
+    ...     return x @ self.w[...] + self.b[...]
+    >>> fo.nnx.register_layer(MyLinear, 'dense',
+    ...                       params={'kernel': 'w', 'bias': 'b'})
+    >>> model = MyLinear(2, 3, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (4, 2))
+    >>> loss_fn = lambda m, x: jnp.mean(jnp.sin(m(x)))
+    >>> _, grads, stats = fo.nnx.value_grad_and_stats(loss_fn)(model, x)
+    >>> st = stats['']
+    >>> print(st.meta.kind, st.a.shape, st.g.shape)
+    dense (1, 4, 2) (1, 4, 3)
+    >>> bool(jnp.allclose(grads['w'][...], st.a[0].T @ st.g[0], atol=1e-6))
+    True
   """
   _layers.register_layer('nnx', module_type, kind, params, describe)
 
