@@ -19,6 +19,7 @@ import optax
 
 import fisher_optax as fo
 from fisher_optax import _adafisher
+from fisher_optax import _base
 from fisher_optax import _kfac
 from fisher_optax import _mini_block_fisher
 from fisher_optax import _pairing
@@ -39,7 +40,7 @@ class ApiTest(parameterized.TestCase):
     for name in fo.__all__:
       self.assertTrue(hasattr(fo, name), name)
 
-  @parameterized.parameters(_adafisher, _kfac, _mini_block_fisher,
+  @parameterized.parameters(fo, _adafisher, _base, _kfac, _mini_block_fisher,
                             _pairing, _tkfac, _train_state,
                             capture_linen, capture_nnx)
   def test_doctests(self, module):
