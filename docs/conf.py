@@ -37,7 +37,7 @@ extensions = [
 
 source_suffix = {'.md': 'markdown', '.rst': 'restructuredtext'}
 root_doc = 'index'
-exclude_patterns = ['_build', 'README.md']
+exclude_patterns = ['_build']
 templates_path = []
 
 # Markdown. Heading anchors make GitHub-style links (`capture.md#how-it-works`)
