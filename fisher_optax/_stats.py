@@ -122,8 +122,10 @@ def conv_patch_second_moment(x, meta: _base.LayerMeta):
         x * x, w, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
         cfg['rhs_dilation'], dn)
 
-  # The kernel takes x's dtype: a float64 input keeps a float64 sum.
-  w = jnp.zeros(cfg['kernel_size'] + (c_in, 1), x.dtype)
+  # The kernel takes x's dtype: a float64 input keeps a float64 sum. Made
+  # from x, it is device-varying like x under shard_map; an invariant one
+  # would have its cotangent summed over the devices (check_vma).
+  w = jnp.zeros_like(x, shape=cfg['kernel_size'] + (c_in, 1))
   out, vjp = jax.vjp(conv, w)
   (total,) = vjp(jnp.ones_like(out))
   groups = cfg['groups']

@@ -442,8 +442,11 @@ def value_grad_and_stats(
     _, shapes = jax.eval_shape(discover, params)
     _check_dropped(discovery, shapes)
     _publish_skipped(discovery)
-    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                          applied[PERTURBATIONS]) for applied in shapes]
+    # zeros_like keeps what eval_shape saw of each output, including
+    # shard_map's device-varying type: perturbations created invariant
+    # would have their cotangents summed over the devices (check_vma).
+    zeros = [jax.tree.map(jnp.zeros_like, applied[PERTURBATIONS])
+             for applied in shapes]
 
     def wrapped(p, perturbations):
       trace = _Trace(discover=False, perturbations=perturbations)

@@ -294,8 +294,8 @@ def value_grad_and_stats(
     objects, rebuild = _split_objects(args, kwargs)
     perturbations = nnx.eval_shape(
         functools.partial(_discover, loss_fn, rebuild), model, objects)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         perturbations)
+    # zeros_like keeps shard_map's device-varying type (see linen.py).
+    zeros = jax.tree.map(jnp.zeros_like, perturbations)
 
     def wrapped(m, perturbations, objects):
       args, kwargs = rebuild(objects)
