@@ -46,6 +46,7 @@ from fisher_optax._mini_block_fisher import scale_by_mini_block_fisher
 from fisher_optax._mini_block_fisher import ScaleByMiniBlockFisherState
 from fisher_optax._pairing import coverage
 from fisher_optax._pairing import Coverage
+from fisher_optax._sharding import state_shardings
 from fisher_optax._tkfac import scale_by_tekfac
 from fisher_optax._tkfac import scale_by_tkfac
 from fisher_optax._tkfac import tekfac
@@ -77,6 +78,7 @@ __all__ = (
     'scale_by_mini_block_fisher',
     'scale_by_tekfac',
     'scale_by_tkfac',
+    'state_shardings',
     'tekfac',
     'tkfac',
 )

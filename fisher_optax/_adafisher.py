@@ -55,7 +55,26 @@ FALLBACKS = ('adam', 'momentum', 'damping')
 
 
 class ScaleByAdaFisherState(NamedTuple):
-  """State for :func:`fisher_optax.scale_by_adafisher`."""
+  """State for :func:`fisher_optax.scale_by_adafisher`.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> tx = fo.adafisher(learning_rate=1e-2)
+    >>> _, opt_state = tx.update(grads, tx.init(params), params,
+    ...                          layer_stats=stats)
+    >>> state, = [s for s in opt_state
+    ...           if isinstance(s, fo.ScaleByAdaFisherState)]
+    >>> int(state.count), int(state.nonfinite)
+    (1, 0)
+    >>> jax.tree.map(jnp.shape, state.mu)
+    {'bias': (2,), 'kernel': (3, 2)}
+  """
 
   count: jax.Array  # shape=(), dtype=int32: steps taken.
   mu: optax.Updates  # first moment, like params.
@@ -380,11 +399,30 @@ def scale_by_adafisher(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    The preconditioner alone, chained with a learning rate, takes the
+    steps of :func:`fisher_optax.adafisher` (without weight decay):
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> tx = optax.chain(fo.scale_by_adafisher(), optax.scale(-1e-2))
+    >>> ref = fo.adafisher(learning_rate=1e-2)
+    >>> u, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
+    >>> v, _ = ref.update(grads, ref.init(params), params, layer_stats=stats)
+    >>> jax.tree.map(lambda a, b: bool(jnp.allclose(a, b)), u, v)
+    {'bias': True, 'kernel': True}
   """
   where = 'scale_by_adafisher'
   _base.check_options(
       where, periods={'stats_every': stats_every},
-      choices={'mode': (mode, MODES), 'fallback': (fallback, FALLBACKS)})
+      choices={'mode': (mode, MODES), 'fallback': (fallback, FALLBACKS)},
+      axes={'axis_name': axis_name})
   _check_hyperparams(where, b1=b1, damping=damping,
                      fisher_decay=fisher_decay, eps=eps,
                      fallback_b2=fallback_b2, fallback_eps=fallback_eps)

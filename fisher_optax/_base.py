@@ -325,7 +325,8 @@ def check_layer_stats(layer_stats: Any, where: str) -> Mapping[str, LayerStats]:
 def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
                   block_size: Any = None,
                   choices: Mapping[str, tuple[Any, tuple[Any, ...]]]
-                  | None = None) -> None:
+                  | None = None,
+                  axes: Mapping[str, Any] | None = None) -> None:
   """Validates an optimizer's static options; errors name the option.
 
   Args:
@@ -334,6 +335,8 @@ def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
       (static; ``optax.inject_hyperparams`` needs them in ``static_args``).
     block_size: None or a positive int.
     choices: ``{name: (value, allowed values)}``.
+    axes: ``{name: value}`` of mesh axis names: None or a non-empty str
+      (``axis_name`` may also be a tuple of them).
   """
   for name, value in (periods or {}).items():
     if not isinstance(value, int) or value < 1:
@@ -348,6 +351,16 @@ def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
     if value not in allowed:
       raise ValueError(f'{where}: {name} must be one of {allowed}, got '
                        f'{value!r}.')
+  for name, value in (axes or {}).items():
+    # lax.pmean takes a tuple of axes; spreading the inverses takes one.
+    names = (value if name == 'axis_name' and isinstance(value, tuple)
+             and value else (value,))
+    if value is not None and not all(isinstance(n, str) and n
+                                     for n in names):
+      raise ValueError(
+          f'{where}: {name} must be None or a mesh axis name (a non-empty '
+          f'str{", or a tuple of them" if name == "axis_name" else ""}), '
+          f'got {value!r}.')
 
 
 def _concrete(value: Any):

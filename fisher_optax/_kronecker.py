@@ -210,6 +210,23 @@ class KroneckerState(NamedTuple):
   keys of ``stats``. Statistics and inverses use
   ``_base.stats_dtype(kernel)``: float32 for bfloat16 or float32 kernels,
   float64 for float64 ones.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> tx = fo.kfac(learning_rate=0.1)
+    >>> _, opt_state = tx.update(grads, tx.init(params), params,
+    ...                          layer_stats=stats)
+    >>> state, = [s for s in opt_state if isinstance(s, fo.KroneckerState)]
+    >>> int(state.count), int(state.nonfinite)
+    (1, 0)
+    >>> jax.tree.map(jnp.shape, state.stats)  # 3 inputs and a bias, 2 outputs
+    {'': {'A': (1, 1, 4, 4), 'G': (1, 1, 2, 2)}}
   """
 
   count: jax.Array  # shape=(), int32.
@@ -407,6 +424,7 @@ class Options:
   decay_schedule: str
   conv_scaling: str
   dense_damping: str
+  spread_inverses: str | None = None
 
 
 def average_weight(opts: Options, count) -> jax.Array:
@@ -508,11 +526,12 @@ def refresh_inverses(algorithm: Algorithm, opts: Options, layouts,
     extra[(key, 'out')] = d_out[..., None]
   eigen = opts.damping_mode == 'eigen'
   if eigen:
-    results = _linalg.bucketed(_linalg.safe_eigh, blocks)
+    results = _linalg.bucketed(_linalg.safe_eigh, blocks,
+                               spread=opts.spread_inverses)
   else:
     results = _linalg.bucketed(
         lambda s, d: _linalg.damped_inverse(s, d, opts.inverse_method),
-        blocks, extra)
+        blocks, extra, spread=opts.spread_inverses)
   new, bad = {}, jnp.zeros([], jnp.int32)
   for key, layout in layouts.items():
     fresh = {}
@@ -900,6 +919,7 @@ def scale_by_kronecker(
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
     dense_damping: str = 'beta',
+    spread_inverses: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
   eigenvalue-corrected forms (``eigen_correction=True``)."""
@@ -911,7 +931,9 @@ def scale_by_kronecker(
                 block_size=block_size, damping_mode=damping_mode,
                 momentum_style=momentum_style, loss_reduction=loss_reduction,
                 inverse_method=inverse_method, decay_schedule=decay_schedule,
-                conv_scaling=conv_scaling, dense_damping=dense_damping)
+                conv_scaling=conv_scaling, dense_damping=dense_damping,
+                axes={'axis_name': axis_name,
+                      'spread_inverses': spread_inverses})
   _base.check_hyperparams(
       where, positive={'damping': damping},
       nonnegative={'fallback_eps': fallback_eps},
@@ -921,7 +943,7 @@ def scale_by_kronecker(
                  inverse_every, block_size, damping_mode, momentum_style,
                  loss_reduction, inverse_method, fallback_b2, fallback_eps,
                  axis_name, eigen_correction, decay_schedule, conv_scaling,
-                 dense_damping)
+                 dense_damping, spread_inverses)
   # The user's description of their layers, not state: init uses it for
   # the layers each params tree has.
   template = None if layers is None else {
@@ -945,7 +967,7 @@ def corrected_name(name: str) -> str:
 
 
 def check_options(where: str, *, stats_every, inverse_every, block_size,
-                  **choices) -> None:
+                  axes=None, **choices) -> None:
   """Validates the static options of a Kronecker factory; names them."""
   allowed = {
       'damping_mode': ('factored', 'eigen'),
@@ -962,4 +984,5 @@ def check_options(where: str, *, stats_every, inverse_every, block_size,
                       'inverse_every': inverse_every},
       block_size=block_size,
       choices={name: (value, allowed[name])
-               for name, value in choices.items()})
+               for name, value in choices.items()},
+      axes=axes)

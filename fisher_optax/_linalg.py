@@ -327,10 +327,89 @@ def keep_finite_tree(
   return treedef.unflatten([r for r, _ in pairs]), total
 
 
+def _lapack_may_deadlock() -> bool:
+  """Whether batched LAPACK calls can deadlock here (several CPU devices).
+
+  jaxlib's CPU LAPACK kernels split a batched call over the intra-op thread
+  pool and wait for the pieces (``ParallelBatchMap``). With several CPU
+  devices (``--xla_force_host_platform_device_count``) their programs run on
+  that same pool, so when the device programs hold every pool thread while
+  waiting for their pieces, or for a collective, nothing runs (seen with
+  jaxlib 0.10 on 2 cores: TKFAC's step under ``shard_map`` on 8 devices).
+  """
+  return jax.default_backend() == 'cpu' and jax.device_count() > 1
+
+
+def _one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` over the leading axis with one block per call (``lax.map``).
+
+  LAPACK factorises each matrix of a batch on its own, so this gives the
+  batched call's results; each call has a batch of one, which jaxlib runs
+  without handing pieces to the thread pool.
+  """
+  def run(*args):
+    return lax.map(lambda xs: jax.tree.map(
+        lambda leaf: leaf[0], fn(*(x[None] for x in xs))), args)
+  return run
+
+
+def _spread(fn: Callable[..., Any], axis: str, stack: jax.Array,
+            *extra: jax.Array) -> Any:
+  """``fn(stack, *extra)`` with the blocks shared out over mesh axis ``axis``.
+
+  Each device factorises ``ceil(N / n)`` of the ``N`` blocks and the results
+  are gathered, so every device ends with all of them. Under ``jit`` (an
+  ``Auto`` or ``Explicit`` axis) this is a sharding of the block axis that
+  XLA's SPMD partitioner carries through ``fn`` and an all-gather back to
+  replicated. Under ``shard_map`` (a ``Manual`` axis) each device slices its
+  share with ``axis_index``; the shares are put in place in zeros and summed
+  with ``psum``, an all-reduce whose result is replicated by construction,
+  so it also passes ``shard_map``'s replication check (``check_vma``).
+  Adding zeros is exact, so either way the result equals ``fn(stack)``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or axis not in mesh.axis_names:
+    raise ValueError(
+        f'spread_inverses={axis!r}: no mesh axis {axis!r} is in context '
+        f'(mesh: {None if mesh.empty else dict(mesh.shape)}). Call the '
+        'update under `jax.set_mesh(mesh)` (jit with shardings) or inside '
+        '`jax.shard_map` over a mesh with that axis, or leave '
+        'spread_inverses=None.')
+  kind = dict(zip(mesh.axis_names, mesh.axis_types))[axis]
+  if kind == jax.sharding.AxisType.Manual:
+    n = mesh.shape[axis]
+    total = stack.shape[0]
+    share = -(-total // n)
+    pad = share * n - total
+    # Identity blocks (and unit extras) keep the padding well posed.
+    eye = jnp.broadcast_to(_eye_like(stack), (pad,) + stack.shape[1:])
+    stack = jnp.concatenate([stack, eye])
+    extra = [jnp.concatenate([e, jnp.ones((pad,) + e.shape[1:], e.dtype)])
+             for e in extra]
+    start = lax.axis_index(axis) * share
+    mine = fn(*(lax.dynamic_slice_in_dim(x, start, share)
+                for x in (stack, *extra)))
+
+    def gather(part):
+      full = jnp.zeros((share * n,) + part.shape[1:], part.dtype)
+      full = lax.dynamic_update_slice_in_dim(full, part, start, 0)
+      return lax.psum(full, axis)[:total]
+    return jax.tree.map(gather, mine)
+  spec = jax.sharding.PartitionSpec(axis)
+  replicated = jax.sharding.PartitionSpec()
+  if kind == jax.sharding.AxisType.Explicit:
+    place = jax.sharding.reshard
+  else:
+    place = lax.with_sharding_constraint
+  out = fn(*(place(x, spec) for x in (stack, *extra)))
+  return jax.tree.map(lambda leaf: place(leaf, replicated), out)
+
+
 def bucketed(
     fn: Callable[..., Any],
     blocks_by_key: Mapping[Any, jax.Array],
     extra_by_key: Mapping[Any, jax.Array] | None = None,
+    spread: str | None = None,
 ) -> dict[Any, Any]:
   """Applies ``fn`` once per block size to all blocks of that size.
 
@@ -351,6 +430,9 @@ def bucketed(
     extra_by_key: Optional mapping with the same keys to a per-block
       argument broadcastable to that key's ``lead`` shape (e.g. a scalar or
       per-block damping).
+    spread: a mesh axis name, or None. With a name, each device of that
+      axis factorises its share of every stack and the results are
+      gathered (see :func:`_spread`); the result is the same.
 
   Returns:
     A dict from each key to ``fn``'s output for that key's blocks, every
@@ -378,13 +460,13 @@ def bucketed(
       # 2-core CPU). A true data dependency orders them (XLA does not fold
       # x * 0 for floats); an optimization_barrier did not.
       stack = stack + 0.0 * jnp.isfinite(previous).astype(stack.dtype)
-    if extra_by_key is None:
-      out = fn(stack)
-    else:
-      extra = jnp.concatenate([
+    args = [stack]
+    if extra_by_key is not None:
+      args.append(jnp.concatenate([
           jnp.broadcast_to(jnp.asarray(extra_by_key[k]), lead).reshape(size)
-          for k, lead, size in zip(keys, leads, sizes)])
-      out = fn(stack, extra)
+          for k, lead, size in zip(keys, leads, sizes)]))
+    run = _one_at_a_time(fn) if _lapack_may_deadlock() else fn
+    out = run(*args) if spread is None else _spread(run, spread, *args)
     previous = jax.tree.leaves(out)[0].reshape(-1)[0]
     offsets = np.cumsum([0] + sizes)
     for key, lead, start, stop in zip(keys, leads, offsets[:-1], offsets[1:]):

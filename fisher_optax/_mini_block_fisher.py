@@ -69,6 +69,23 @@ class ScaleByMiniBlockFisherState(NamedTuple):
       entry (its momentum entries kept), and each statistic, inverse or
       fallback second-moment block (a fallback entry is a block) that came
       out non-finite and kept its previous value.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> tx = fo.mini_block_fisher(learning_rate=1e-3)
+    >>> _, opt_state = tx.update(jax.grad(loss_fn)(params), tx.init(params),
+    ...                          params)
+    >>> state, = [s for s in opt_state
+    ...           if isinstance(s, fo.ScaleByMiniBlockFisherState)]
+    >>> int(state.count), int(state.num_stats), int(state.nonfinite)
+    (1, 1, 0)
+    >>> jax.tree.map(jnp.shape, state.stats)  # 'chunks': 3 + 1 blocks of 2
+    {'': {'chunks': (1, 2, 2)}}
   """
 
   count: jax.Array
@@ -140,7 +157,7 @@ def refresh_statistics(layouts: Layouts, grads: Mapping[str, jax.Array],
 
 
 def refresh_inverses(layouts: Layouts, stats, inverses, damping: Any,
-                     method: str):
+                     method: str, spread: str | None = None):
   """``C_b <- (F_b + damping I)^-1``; a non-finite block keeps ``C_b``.
 
   Blocks of one size, across all layers, are inverted in one batched call;
@@ -158,7 +175,8 @@ def refresh_inverses(layouts: Layouts, stats, inverses, damping: Any,
       blocks[key] = f
   fresh.update(_linalg.bucketed(
       lambda s, d: _linalg.damped_inverse(s, d, method), blocks,
-      {k: jnp.asarray(damping, f.dtype) for k, f in blocks.items()}))
+      {k: jnp.asarray(damping, f.dtype) for k, f in blocks.items()},
+      spread=spread))
   new, bad = {}, _zero_count()
   for key, layer in layouts.items():
     old = inverses[key][layer.form]
@@ -225,7 +243,7 @@ def adam_fallback(nu: Mapping[str, jax.Array],
 def refresh(layouts: Layouts, grads: Mapping[str, jax.Array],
             state: ScaleByMiniBlockFisherState, *, stats_every: int,
             inverse_every: int, fisher_decay: Any, damping: Any,
-            method: str):
+            method: str, spread: str | None = None):
   """Runs the statistics and inverse refreshes that are due this step.
 
   As the released code: while the first inverse period lasts, the inverses
@@ -247,7 +265,8 @@ def refresh(layouts: Layouts, grads: Mapping[str, jax.Array],
       keep, state.stats)
   inverses, bad_inv = lax.cond(
       do_inverse,
-      lambda s, old: refresh_inverses(layouts, s, old, damping, method),
+      lambda s, old: refresh_inverses(layouts, s, old, damping, method,
+                                      spread),
       keep, stats, state.inverses)
   num_stats = state.num_stats + do_stats.astype(jnp.int32)
   return stats, inverses, num_stats, bad_stats + bad_inv
@@ -312,6 +331,7 @@ def scale_by_mini_block_fisher(
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     layers: Mapping[str, _base.LayerStats] | None = None,
     axis_name: str | None = None,
+    spread_inverses: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Precondition by the Mini-Block Fisher; see :func:`mini_block_fisher`.
 
@@ -325,6 +345,26 @@ def scale_by_mini_block_fisher(
 
   Raises:
     ValueError: an invalid option or concrete hyperparameter (named).
+
+  Example:
+    The preconditioner alone needs only gradients; chained with a
+    learning rate it takes the steps of :func:`mini_block_fisher`
+    (without weight decay):
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> grads = jax.grad(loss_fn)(params)
+    >>> tx = optax.chain(fo.scale_by_mini_block_fisher(),
+    ...                  optax.scale(-1e-3))
+    >>> ref = fo.mini_block_fisher(learning_rate=1e-3)
+    >>> u, _ = tx.update(grads, tx.init(params), params)
+    >>> v, _ = ref.update(grads, ref.init(params), params)
+    >>> jax.tree.map(lambda a, b: bool(jnp.allclose(a, b)), u, v)
+    {'bias': True, 'kernel': True}
   """
   where = 'scale_by_mini_block_fisher'
   _base.check_options(
@@ -333,7 +373,8 @@ def scale_by_mini_block_fisher(
       block_size=block_size,
       choices={'dense_blocks': (dense_blocks, DENSE_BLOCKS),
                'fallback': (fallback, FALLBACKS),
-               'inverse_method': (inverse_method, INVERSE_METHODS)})
+               'inverse_method': (inverse_method, INVERSE_METHODS)},
+      axes={'axis_name': axis_name, 'spread_inverses': spread_inverses})
   _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
                      fallback_eps)
   square = 'gradient' if fallback == 'adam_gradient' else 'momentum'
@@ -378,7 +419,7 @@ def scale_by_mini_block_fisher(
     stats, inverses, num_stats, bad_f = refresh(
         layouts, grads, state, stats_every=stats_every,
         inverse_every=inverse_every, fisher_decay=fisher_decay,
-        damping=damping, method=inverse_method)
+        damping=damping, method=inverse_method, spread=spread_inverses)
     direction = precondition(layouts, inverses, m)
     nu, d_fallback, bad_nu = adam_fallback(
         state.nu, m, grads, count, momentum, fallback_b2, fallback_eps,
@@ -419,6 +460,7 @@ def mini_block_fisher(
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     layers: Mapping[str, _base.LayerStats] | None = None,
     axis_name: str | None = None,
+    spread_inverses: str | None = None,
     mask: Any = None,
     loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -526,6 +568,12 @@ def mini_block_fisher(
       layer's blocks wrong (the first update says so).
     axis_name: data-parallel axis to ``pmean`` gradients over under
       ``shard_map``/``pmap`` (a no-op if they are already averaged).
+    spread_inverses: a mesh axis name, or None. With a name, each device
+      of that axis factorises its share of the blocks on an inverse step
+      and the results are gathered, instead of every device factorising
+      all of them; the result is the same. The update must run under
+      ``jax.set_mesh(mesh)`` or inside ``jax.shard_map``
+      (``docs/multi_device.md``).
     mask: weight-decay mask (integer leaves are never decayed).
     loss_scale: how many times your loss exceeds the loss the defaults are
       set for, a mean over examples (784 for a loss summed over 784
@@ -579,7 +627,8 @@ def mini_block_fisher(
           inverse_every=inverse_every, block_size=block_size,
           dense_blocks=dense_blocks, inverse_method=inverse_method,
           fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, layers=layers, axis_name=axis_name),
+          fallback_eps=fallback_eps, layers=layers, axis_name=axis_name,
+          spread_inverses=spread_inverses),
       _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   ), loss_scale, where)
@@ -642,6 +691,20 @@ def mini_block_fisher_warm_start(
   Raises:
     ValueError: no gradients, no MBF state, or gradients whose layers do
       not match the state's blocks.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p, x: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> grads = [jax.grad(loss_fn)(params, xb) for xb in jnp.split(x, 4)]
+    >>> tx = fo.mini_block_fisher(learning_rate=1e-3)
+    >>> opt_state = fo.mini_block_fisher_warm_start(tx.init(params), grads)
+    >>> state = opt_state[0]  # the ScaleByMiniBlockFisherState
+    >>> int(state.num_stats)  # four batches averaged
+    4
   """
   where = 'mini_block_fisher_warm_start'
   is_state = lambda x: isinstance(x, ScaleByMiniBlockFisherState)

@@ -328,6 +328,33 @@ class BucketedTest(absltest.TestCase):
         assert_close(recon, value[idx], rtol=1e-5, scale_atol=5e-6)
 
 
+class OneAtATimeTest(absltest.TestCase):
+  """The serial form used where batched LAPACK calls can deadlock."""
+
+  def test_equals_the_batched_call(self):
+    stack = _psd(4, (5, 4, 4))
+    damping = np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32)
+    inverse = lambda s, d: _linalg.damped_inverse(s, d)
+    for fn, args in ((inverse, (stack, damping)),
+                     (_linalg.safe_eigh, (stack,))):
+      want = jax.jit(fn)(*args)
+      got = jax.jit(_linalg._one_at_a_time(fn))(*args)
+      for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        self.assertEqual(g.shape, w.shape)
+        # Eigenvectors may flip sign between calls; compare |v|.
+        assert_close(np.abs(g), np.abs(w), rtol=1e-5, scale_atol=1e-6)
+    # Each call sees one block.
+    shapes = []
+    jax.jit(_linalg._one_at_a_time(
+        lambda s: shapes.append(s.shape) or s))(stack)
+    self.assertEqual(shapes, [(1, 4, 4)])
+
+  def test_only_with_several_cpu_devices(self):
+    self.assertEqual(_linalg._lapack_may_deadlock(),
+                     jax.default_backend() == 'cpu'
+                     and jax.device_count() > 1)
+
+
 class PiDampingTest(absltest.TestCase):
 
   def test_closed_form(self):
