@@ -251,6 +251,9 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
                               adam_reach and adam_reach['steps']),
         'seconds_ratio': _ratio(reach['seconds'],
                                 adam_reach and adam_reach['seconds']),
+        # Seconds from a side-by-side profile, not from runs measured
+        # beside other processes (see apply_timing).
+        'profiled': all(r.get('timing') == 'profile' for r in seeds),
         'step_time_ratio': _ratio(
             float(np.mean([r['step_seconds_mean'] for r in seeds])),
             adam_step_s),
@@ -567,6 +570,10 @@ def write_task(task: str, records: list[Record], steps: int, ignored: int,
   return rows
 
 
+# Seeds of a finished sweep's best setting (convergence.py's default).
+FULL_SEEDS = 3
+
+
 def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
   if spec not in rows:
     return DASH
@@ -576,8 +583,15 @@ def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
     return status
   ratios = ' / '.join(DASH if r is None else f'{r:.2f}'
                       for r in (row['steps_ratio'], row['seconds_ratio']))
+  # Marked where the task has a profile but this optimizer is not in it.
+  profiled = any(r.get('profiled') for r in rows.values())
+  if (profiled and not row.get('profiled', True)
+      and row['seconds_ratio'] is not None):
+    ratios += '†'
   if row['reached'] < row['seeds']:
     ratios += f' ({row["reached"]}/{row["seeds"]})'
+  if row['seeds'] < FULL_SEEDS:
+    ratios += ' ‡'
   return ratios
 
 
@@ -595,7 +609,10 @@ def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
       'Steps / wall-clock seconds to reach Adam\'s final training loss, as '
       'a ratio to Adam\'s (below 1: faster than Adam); "never" when no seed '
       'reached it, "(k/n)" when only k of n seeds did, — when not run or '
-      'without Adam. Each optimizer at its best setting per task; details '
+      'without Adam. † seconds measured beside other runs, not from a '
+      'side-by-side step-time profile (`--timing`): unreliable. ‡ fewer '
+      f'than {FULL_SEEDS} seeds: the sweep is not finished, the setting is '
+      'provisional. Each optimizer at its best setting per task; details '
       'in `<task>.md`. Written by `python benchmarks/convergence.py '
       '--report`.', '',
       '| optimizer | ' + ' | '.join(tasks) + ' |',
@@ -612,9 +629,13 @@ def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
       continue
     steps = (DASH if adam['steps'] is None
              else f'{adam["steps"]:.4g} steps, {_sig(adam["seconds"], 3)} s')
+    unprofiled = ('' if any(r.get('profiled')
+                            for r in summary[task].values())
+                  else ' No side-by-side step-time profile yet: its seconds '
+                  'were measured during the sweep, beside other runs.')
     lines.append(f'* {task}: Adam\'s target {adam["target"]:.4g} '
                  f'(final training loss), reached in {steps} '
-                 f'({adam["reached"]}/{adam["seeds"]} seeds).')
+                 f'({adam["reached"]}/{adam["seeds"]} seeds).{unprofiled}')
   lines.append('')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
