@@ -1,0 +1,216 @@
+"""Runs the multi-device checks of test_multi_device.py in a fresh process.
+
+The device count is fixed when JAX starts, so the tests run this script
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Usage:
+
+  python tests/_multi_device_worker.py GROUP OUT.npz
+
+GROUP is ``sharded_jit`` (data parallel and FSDP under ``jit``) or
+``shard_map`` (``shard_map`` with and without ``check_vma``, and
+``spread_inverses``). For every optimizer and mode it saves the parameters
+after five steps (``<mode>/<optimizer>/<leaf>``) next to the single-device
+run's (``single/<optimizer>/<leaf>``); the test compares them. It also
+saves a few facts as strings under ``facts/...``.
+"""
+
+import functools
+import re
+import sys
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+
+import fisher_optax as fo
+
+STEPS = 5
+DEVICES = 8
+OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
+              'mini_block_fisher')
+SPREAD = ('kfac', 'ekfac', 'tkfac', 'tekfac', 'mini_block_fisher')
+
+
+class Net(nn.Module):
+  """A conv and two dense layers: every block kind of every optimizer."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.tanh(nn.Dense(16)(x))
+    return nn.Dense(3)(x)
+
+
+MODEL = Net()
+X = jax.random.normal(jax.random.key(0), (64, 6, 6, 2))
+Y = jax.random.randint(jax.random.key(1), (64,), 0, 3)
+PARAMS = MODEL.init(jax.random.key(2), X)['params']
+
+
+def loss_fn(params, x, y):
+  logits = MODEL.apply({'params': params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+STEP_FN = fo.linen.value_grad_and_stats(loss_fn)
+
+
+def make(name, **kwargs):
+  # Inverse and statistics periods of 2 so five steps include refreshes and
+  # the steps between them.
+  if name in ('adafisher', 'adafisherw'):
+    return getattr(fo, name)(1e-2, damping=0.1, stats_every=2, **kwargs)
+  if name == 'mini_block_fisher':
+    return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
+                                **kwargs)
+  return getattr(fo, name)(0.05, damping=0.1, inverse_every=2, **kwargs)
+
+
+def step(tx, params, state, x, y, grad_scale=None, axis=None):
+  _, grads, stats = STEP_FN(params, x, y)
+  if axis is not None:
+    grads = jax.lax.pmean(grads, axis)
+  if grad_scale is not None:
+    grads = jax.tree.map(lambda g: g * grad_scale, grads)
+  updates, state = tx.update(grads, state, params, layer_stats=stats)
+  return optax.apply_updates(params, updates), state
+
+
+def train(tx, fn, params, state, x, y):
+  # Each step waits for the one before. XLA's CPU client runs the forced
+  # devices' programs on one thread pool, and a device waiting in a
+  # collective holds its thread: a program queued behind unfinished work
+  # on some device (this step's, or another run's) could then never start.
+  for _ in range(STEPS):
+    params, state = jax.block_until_ready(fn(params, state, x, y))
+  return params, state
+
+
+def single(name):
+  tx = make(name)
+  return train(tx, jax.jit(functools.partial(step, tx)), PARAMS,
+               tx.init(PARAMS), X, Y)[0]
+
+
+def data_parallel(mesh, name):
+  """The batch sharded over the mesh, parameters replicated, plain jit."""
+  tx = make(name)
+  batch = NamedSharding(mesh, P('data'))
+  return train(tx, jax.jit(functools.partial(step, tx)), PARAMS,
+               tx.init(PARAMS), jax.device_put(X, batch),
+               jax.device_put(Y, batch))[0]
+
+
+def fsdp_spec(leaf):
+  """Shards a kernel's output features over the mesh (FSDP-style)."""
+  if leaf.ndim >= 2 and leaf.shape[-1] % DEVICES == 0:
+    return P(*([None] * (leaf.ndim - 1) + ['data']))
+  return P()
+
+
+def fsdp(mesh, name, facts):
+  """Kernels sharded over 'data', batch too; the state's shardings pinned."""
+  tx = make(name)
+  params = jax.device_put(PARAMS, jax.tree.map(
+      lambda p: NamedSharding(mesh, fsdp_spec(p)), PARAMS))
+  param_sh = jax.tree.map(lambda p: p.sharding, params)
+  state_sh = fo.state_shardings(jax.eval_shape(tx.init, params), params)
+  state = jax.device_put(tx.init(params), state_sh)
+  batch = NamedSharding(mesh, P('data'))
+  fn = jax.jit(functools.partial(step, tx),
+               in_shardings=(param_sh, state_sh, batch, batch),
+               out_shardings=(param_sh, state_sh))
+  params, state = train(tx, fn, params, state, jax.device_put(X, batch),
+                        jax.device_put(Y, batch))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if getattr(leaf, 'ndim', 0):
+      facts[f'facts/fsdp/{name}/{jax.tree_util.keystr(path)}'] = str(
+          leaf.sharding.spec)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    facts[f'facts/fsdp_params/{name}/{jax.tree_util.keystr(path)}'] = str(
+        leaf.sharding.spec)
+  return params
+
+
+def shard_mapped(mesh, name, check_vma, **kwargs):
+  """Each device its slice of the batch; statistics pmean-ed.
+
+  With ``check_vma`` (shard_map's default) the gradient of the replicated
+  parameters already comes out summed over the devices, so it is divided by
+  their number; without it the gradient is pmean-ed.
+  """
+  tx = make(name, axis_name='data', **kwargs)
+  if check_vma:
+    body = functools.partial(step, tx, grad_scale=1.0 / DEVICES)
+  else:
+    body = functools.partial(step, tx, axis='data')
+  fn = jax.jit(jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
+      out_specs=(P(), P()), check_vma=check_vma))
+  return train(tx, fn, PARAMS, tx.init(PARAMS), X, Y)[0]
+
+
+def spread_jit(mesh, name, facts):
+  """spread_inverses under jit with the mesh set; the batch sharded."""
+  tx = make(name, spread_inverses='data')
+  batch = NamedSharding(mesh, P('data'))
+  x, y = jax.device_put(X, batch), jax.device_put(Y, batch)
+  fn = jax.jit(functools.partial(step, tx))
+  replicated = make(name)
+  with jax.set_mesh(mesh):
+    for key, t in (('spread', tx), ('replicated', replicated)):
+      hlo = jax.jit(functools.partial(step, t)).lower(
+          PARAMS, t.init(PARAMS), x, y).compile().as_text()
+      facts[f'facts/collectives/{key}/{name}'] = str(len(re.findall(
+          r' (?:all-gather|all-reduce|collective-permute|all-to-all)'
+          r'(?:-start)?\(', hlo)))
+    return train(tx, fn, PARAMS, tx.init(PARAMS), x, y)[0]
+
+
+def save(out, results, facts):
+  arrays = {}
+  for mode, by_name in results.items():
+    for name, params in by_name.items():
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        arrays[f'{mode}/{name}/{jax.tree_util.keystr(path)}'] = np.asarray(
+            leaf)
+  arrays.update({k: np.array(v) for k, v in facts.items()})
+  np.savez(out, **arrays)
+
+
+def main(group, out):
+  assert jax.device_count() == DEVICES, jax.devices()
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  results = {'single': {}}
+  facts = {}
+  for name in OPTIMIZERS:
+    results['single'][name] = single(name)
+    if group == 'sharded_jit':
+      results.setdefault('jit', {})[name] = data_parallel(mesh, name)
+      results.setdefault('fsdp', {})[name] = fsdp(mesh, name, facts)
+    else:
+      for check_vma in (False, True):
+        results.setdefault(f'shard_map_vma{int(check_vma)}', {})[name] = (
+            shard_mapped(mesh, name, check_vma))
+      if name in SPREAD:
+        results.setdefault('spread_jit', {})[name] = spread_jit(
+            mesh, name, facts)
+        results.setdefault('spread_shard_map', {})[name] = shard_mapped(
+            mesh, name, True, spread_inverses='data')
+    print(name, 'done', flush=True)
+  try:
+    tx = make('kfac', spread_inverses='data')
+    jax.jit(functools.partial(step, tx))(PARAMS, tx.init(PARAMS), X, Y)
+    facts['facts/no_mesh_error'] = 'none'
+  except ValueError as e:
+    facts['facts/no_mesh_error'] = str(e)
+  save(out, results, facts)
+  print('WORKER OK')
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
