@@ -28,8 +28,8 @@
 # that XLA inserts where the batch axis is sharded.
 #
 # It runs unchanged on one CPU, on 8 simulated CPU devices
-# (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, how CI runs it;
-# there TKFAC and MBF are skipped, see below) and on a TPU (Runtime >
+# (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, how CI runs it)
+# and on a TPU (Runtime >
 # Change runtime type > TPU). It prints the devices, the time of a training
 # step after compilation, and the throughput.
 
@@ -246,18 +246,6 @@ OPTIMIZERS = {
     'tkfac': fo.tkfac(3e-4, damping=1e-3),
     'mbf': fo.mini_block_fisher(3e-5, damping=1e-5),
 }
-
-# TKFAC and MBF invert batches of small matrices. On a CPU, jaxlib's LAPACK
-# kernels split such a batch over the CPU thread pool and wait for the
-# pieces; when several simulated devices wait at once they can hold every
-# thread of the pool, and the step never finishes (a jaxlib limitation:
-# simulated devices share the host's cores). One CPU device, a GPU or a TPU
-# run all four; with simulated CPU devices, set ALL_OPTIMIZERS=1 on a host
-# with many more cores than devices.
-if (jax.default_backend() == 'cpu' and num_devices > 1
-    and os.environ.get('ALL_OPTIMIZERS') != '1'):
-  print('simulated CPU devices: TKFAC and MBF skipped (see above)')
-  OPTIMIZERS = {k: OPTIMIZERS[k] for k in ('adam', 'adafisher')}
 
 results = {}
 for name, tx in OPTIMIZERS.items():
