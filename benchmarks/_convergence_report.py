@@ -580,7 +580,8 @@ def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
   row = rows[spec]
   status = _no_reach(row)
   if status:
-    return status + (' ‡' if row['seeds'] < FULL_SEEDS else '')
+    unfinished = status == 'never' and row['seeds'] < FULL_SEEDS
+    return status + (' ‡' if unfinished else '')
   ratios = ' / '.join(DASH if r is None else f'{r:.2f}'
                       for r in (row['steps_ratio'], row['seconds_ratio']))
   # Marked where the task has a profile but this optimizer is not in it.

@@ -121,8 +121,10 @@ class ShardMapTest(_WorkerTest):
   """``shard_map`` with ``axis_name``, and ``spread_inverses``."""
   GROUP = 'shard_map'
 
-  @parameterized.parameters(*OPTIMIZERS)
+  @parameterized.parameters('adafisher', 'kfac')
   def test_shard_map_equals_one_device(self, name):
+    # Without check_vma; the library runs the same code with it (below,
+    # every optimizer), only the user's gradient averaging differs.
     self.assert_same_params('shard_map_vma0', name)
 
   @parameterized.parameters(*OPTIMIZERS)
