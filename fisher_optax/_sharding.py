@@ -14,10 +14,11 @@ from typing import Any
 
 import jax
 
+from fisher_optax import _base
+
 
 def _key(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(
-      k, 'idx', k)))) for k in path)
+  return tuple(_base.key_str(k) for k in path)
 
 
 def state_shardings(state: Any, params: Any) -> Any:
