@@ -88,16 +88,19 @@ class ShardedJitTest(_WorkerTest):
   """``jit`` with shardings: the batch split, and FSDP-sharded kernels."""
   GROUP = 'sharded_jit'
 
-  @parameterized.parameters(*OPTIMIZERS)
-  def test_data_parallel_equals_one_device(self, name):
-    self.assert_same_params('jit', name)
+  # One test method per worker class, a subtest per optimizer and setup:
+  # pytest-xdist hands the methods of a class to different processes, each
+  # of which would start its own 8-device worker (minutes) in setUpClass.
+  def test_every_optimizer(self):
+    for name in OPTIMIZERS:
+      with self.subTest('data parallel', optimizer=name):
+        self.assert_same_params('jit', name)
+      with self.subTest('fsdp', optimizer=name):
+        self.assert_same_params('fsdp', name)
+      with self.subTest('fsdp state layout', optimizer=name):
+        self.assert_fsdp_state_layout(name)
 
-  @parameterized.parameters(*OPTIMIZERS)
-  def test_fsdp_equals_one_device(self, name):
-    self.assert_same_params('fsdp', name)
-
-  @parameterized.parameters(*OPTIMIZERS)
-  def test_fsdp_state_layout(self, name):
+  def assert_fsdp_state_layout(self, name):
     """Slots shaped like a kernel share its sharding; curvature replicates."""
     facts = {k.split('/', 3)[3]: str(v) for k, v in self.results.items()
              if k.startswith(f'facts/fsdp/{name}/')}
@@ -121,35 +124,31 @@ class ShardMapTest(_WorkerTest):
   """``shard_map`` with ``axis_name``, and ``spread_inverses``."""
   GROUP = 'shard_map'
 
-  @parameterized.parameters('adafisher', 'kfac')
-  def test_shard_map_equals_one_device(self, name):
-    # Without check_vma; the library runs the same code with it (below,
-    # every optimizer), only the user's gradient averaging differs.
-    self.assert_same_params('shard_map_vma0', name)
-
-  @parameterized.parameters(*OPTIMIZERS)
-  def test_shard_map_check_vma_equals_one_device(self, name):
-    # Regression: capture's perturbations and AdaFisher's conv patch sums
-    # were made from device-invariant zeros, so under check_vma (the
-    # default) their cotangents were summed over the devices.
-    self.assert_same_params('shard_map_vma1', name)
-
-  @parameterized.parameters(*SPREAD)
-  def test_spread_inverses_under_jit(self, name):
-    self.assert_same_params('spread_jit', name)
-    # The shares of the blocks come back to every device: collectives
-    # beyond the data-parallel all-reduces of the replicated computation.
-    self.assertGreater(int(self.fact(f'collectives/spread/{name}')),
-                       int(self.fact(f'collectives/replicated/{name}')))
-
-  @parameterized.parameters(*SPREAD)
-  def test_spread_inverses_under_shard_map(self, name):
-    self.assert_same_params('spread_shard_map', name)
-
-  def test_spread_inverses_without_mesh_is_an_error(self):
-    message = self.fact('no_mesh_error')
-    self.assertIn("spread_inverses='data'", message)
-    self.assertIn('jax.set_mesh', message)
+  def test_every_optimizer(self):  # one method: see ShardedJitTest
+    for name in ('adafisher', 'kfac'):
+      # Without check_vma; the library runs the same code with it (below,
+      # every optimizer), only the user's gradient averaging differs.
+      with self.subTest('check_vma=False', optimizer=name):
+        self.assert_same_params('shard_map_vma0', name)
+    for name in OPTIMIZERS:
+      # Regression: capture's perturbations and AdaFisher's conv patch sums
+      # were made from device-invariant zeros, so under check_vma (the
+      # default) their cotangents were summed over the devices.
+      with self.subTest('check_vma=True', optimizer=name):
+        self.assert_same_params('shard_map_vma1', name)
+    for name in SPREAD:
+      with self.subTest('spread_inverses under jit', optimizer=name):
+        self.assert_same_params('spread_jit', name)
+        # The shares of the blocks come back to every device: collectives
+        # beyond the data-parallel all-reduces of the replicated one.
+        self.assertGreater(int(self.fact(f'collectives/spread/{name}')),
+                           int(self.fact(f'collectives/replicated/{name}')))
+      with self.subTest('spread_inverses under shard_map', optimizer=name):
+        self.assert_same_params('spread_shard_map', name)
+    with self.subTest('spread_inverses without a mesh'):
+      message = self.fact('no_mesh_error')
+      self.assertIn("spread_inverses='data'", message)
+      self.assertIn('jax.set_mesh', message)
 
 
 class AxisArgumentTest(parameterized.TestCase):
