@@ -329,7 +329,9 @@ def _build_kfac_jax(task, kwargs, warmup) -> Compiled:
 
 def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
             damping: float | None, seed: int, steps: int,
-            budget_seconds: float) -> dict[str, Any]:
+            budget_seconds: float, eval_points: int = EVAL_POINTS,
+            final_splits: tuple[str, ...] = ('validation', 'test')
+            ) -> dict[str, Any]:
   """Trains one setting; returns the run's record (without its config)."""
   params = task.init(seed)
   opt_state = compiled.init(params, lr, damping)
@@ -343,9 +345,12 @@ def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
         *jax.tree.map(jnp.copy, (params, opt_state)), 0, *first))
     compile_s = time.perf_counter() - start
     compiled.compiled = True
-  eval_every = max(1, steps // EVAL_POINTS)
+  eval_every = max(1, steps // eval_points)
   evals = {'step': [0], 'seconds': [0.0],
            'loss': [task.evaluate(params, 'validation')['loss']]}
+  # The last validation metrics and their step: the final ones when the run
+  # ends on an evaluation step (an evaluation of a big model is not cheap).
+  last_validation = (0, {})
   losses, times, elapsed, diverged = [], [], 0.0, False
   batch = first
   for count in range(steps):
@@ -361,13 +366,19 @@ def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
     if (count + 1) % eval_every == 0 or count + 1 == steps:
       evals['step'].append(count + 1)
       evals['seconds'].append(elapsed)
-      evals['loss'].append(task.evaluate(params, 'validation')['loss'])
+      last_validation = (count + 1, task.evaluate(params, 'validation'))
+      evals['loss'].append(last_validation[1]['loss'])
     if budget_seconds and elapsed >= budget_seconds:
       break
     batch = next(batches)
   finals = {}
-  for split in ('validation', 'test'):
-    got = {} if diverged else task.evaluate(params, split)
+  for split in final_splits:
+    if diverged:
+      got = {}
+    elif split == 'validation' and last_validation[0] == len(losses):
+      got = last_validation[1]
+    else:
+      got = task.evaluate(params, split)
     finals[split] = {k: (v if math.isfinite(v) else math.inf)
                      for k, v in got.items()} or {'loss': math.inf}
   if not math.isfinite(finals['validation']['loss']):
@@ -420,8 +431,11 @@ class Study:
 
   def __init__(self, task_name: str, size: str, steps: int,
                budget_seconds: float, cache_dir: str | None,
-               verbose: bool = True):
+               verbose: bool = True, quick: bool = False):
     self.task = tasks_lib.TASKS[task_name](size)
+    # The quick check reads the first and the last validation loss only.
+    self._evaluation = (dict(eval_points=1, final_splits=('validation',))
+                        if quick else {})
     self.size = size
     self.steps = steps
     self.budget_seconds = budget_seconds
@@ -456,7 +470,8 @@ class Study:
       self._compiled[spec] = build(task, name, settings)
     start = time.perf_counter()
     record = dict(config, **run_one(task, self._compiled[spec], lr, damping,
-                                    seed, self.steps, self.budget_seconds))
+                                    seed, self.steps, self.budget_seconds,
+                                    **self._evaluation))
     record.update(
         defaults=defaults, jax=jax.__version__, backend=jax.default_backend(),
         machine=platform.processor() or platform.machine(),
@@ -635,7 +650,8 @@ def quick(optimizers: list[str], tasks: list[str]) -> list[str]:
   """
   failures = []
   for task_name in tasks:
-    study = Study(task_name, 'quick', QUICK_STEPS, 0.0, None, verbose=False)
+    study = Study(task_name, 'quick', QUICK_STEPS, 0.0, None, verbose=False,
+                  quick=True)
     for spec in optimizers:
       name, _ = parse_spec(spec)
       opt = OPTIMIZERS[name]
