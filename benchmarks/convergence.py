@@ -10,7 +10,9 @@ For each task of ``_convergence_tasks.py`` (``autoencoder``, ``cnn``,
    diverges);
 2. for the curvature methods, tries ``damping`` 1e-2 and 1e-1 besides
    1e-3 (every method's default before this study; and 1e-4, 1e-5 while
-   the smallest tried damping wins, 1.0 if 1e-1 wins), each with its own
+   the smallest tried damping wins, 1, 10, 100 while the largest wins: a
+   loss summed over outputs has a Fisher, and so a natural damping, that
+   many times larger than a mean's), each with its own
    3-value learning-rate sweep (widened the same way) that starts half a
    decade of learning rate higher per decade of damping: on directions of
    low curvature the step scales like ``lr / damping``, so a fixed
@@ -85,7 +87,7 @@ STEPS = {'autoencoder': 300, 'cnn': 400, 'transformer': 200,
          'regression': 1000, 'resnet': 200}
 QUICK_STEPS = 20
 MIN_DECREASE = 1e-3
-DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_DAMPING = 1e-3
 MAX_WIDEN = 3
 MAX_BLOCKS = 200

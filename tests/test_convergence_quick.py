@@ -6,8 +6,10 @@ unless each one's validation loss goes down. There is no timing
 assertion.
 """
 
+import math
 import os
 import sys
+import types
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -46,6 +48,44 @@ class CacheTest(absltest.TestCase):
     self.assertNotIn('mode', got)
     self.assertNotIn('damping', got)
     self.assertEqual(got['stats_every'], '10')
+
+
+class TuneTest(parameterized.TestCase):
+  """The sweep protocol on a made-up validation loss, without training."""
+
+  def _tune(self, best_damping):
+    # A bowl in (log lr, log damping) whose best learning rate grows with
+    # the damping (lr / damping fixed, as for a curvature method's flat
+    # directions); twice that learning rate diverges.
+    def run(spec, lr, damping, seed):
+      del spec, seed
+      best_lr = 1e-2 * damping
+      loss = (1 + (math.log10(damping / best_damping)) ** 2
+              + 0.1 * math.log10(lr / best_lr) ** 2)
+      tried.append((lr, damping))
+      return {'diverged': lr > 2 * best_lr,
+              'final': {'validation': {'loss': loss}}}
+    tried = []
+    study = object.__new__(convergence.Study)
+    study.task = types.SimpleNamespace(lr_centre={'kronecker': 1e-4})
+    study.run = run
+    return study.tune('kfac'), tried
+
+  @parameterized.parameters(1e-4, 1e-2, 10.0)
+  def test_finds_an_interior_best(self, best_damping):
+    (lr, damping), tried = self._tune(best_damping)
+    self.assertEqual(damping, best_damping)
+    self.assertAlmostEqual(lr, 1e-2 * best_damping)
+    dampings = sorted({d for _, d in tried})
+    self.assertLess(dampings[0], best_damping)
+    self.assertGreater(dampings[-1], best_damping)
+
+  def test_stops_at_the_largest_damping(self):
+    # Summed losses want dampings far above a mean's: the search goes on
+    # to 100 while the largest wins, and no further.
+    (_, damping), tried = self._tune(1e4)
+    self.assertEqual(damping, 100.0)
+    self.assertEqual(max(d for _, d in tried), 100.0)
 
 
 if __name__ == '__main__':
