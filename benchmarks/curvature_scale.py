@@ -51,8 +51,11 @@ def factor_scales(task, steps: int) -> dict[str, tuple[float, float]]:
 
   def mean_eigenvalue(blocks):
     # Blocks (*lead, nb, b, b) of one factor: a block-diagonal matrix whose
-    # trace is the blocks' traces summed.
+    # trace is the blocks' traces summed. An embedding's input side is its
+    # diagonal, (*lead, V) (blocks are square).
     blocks = np.asarray(blocks, np.float64)
+    if blocks.ndim < 3 or blocks.shape[-1] != blocks.shape[-2]:
+      return float(blocks.mean())
     size = blocks.shape[-1] * blocks.shape[-3]
     lead = int(np.prod(blocks.shape[:-3]))
     return float(np.trace(blocks, axis1=-2, axis2=-1).sum() / (size * lead))
