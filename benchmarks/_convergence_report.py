@@ -532,7 +532,12 @@ def write_task(task: str, records: list[Record], steps: int, ignored: int,
         f'`{timed["xla_flags"]}`, {timed["date"]}) for the optimizers it '
         'profiled ('
         + ', '.join(f'`{s}`' for s in timed['profiles'])
-        + '); other runs keep the seconds they measured.')
+        + '); other runs keep the seconds they measured.'
+        + (' Profiled in a later run beside Adam and scaled to the Adam '
+           'profile above (ratios to Adam as measured in that run): '
+           + ', '.join(f'`{s}` (x{f:.3g})'
+                       for s, f in timed['rescaled'].items()) + '.'
+           if timed.get('rescaled') else ''))
   lines += [
       '',
       'Each optimizer at its best setting (lowest final validation loss of '

@@ -46,7 +46,10 @@ steps) and ``batch_size``. Such variants are how the investigation of
 Timings are for whatever machine runs the study. Runs record the seconds
 they took, which other work on the machine inflates; ``--timing`` (on a quiet
 machine) profiles every cached spec's best setting side by side, and the
-report then uses those profiles for every run of the spec. The committed
+report then uses those profiles for every run of the spec. ``--timing
+--optimizers a,b`` profiles ``a`` and ``b`` beside Adam and scales their
+profiles by the ratio of the saved Adam profile to the new one, so that the
+specs profiled earlier keep their ratios to Adam. The committed
 results were measured with one XLA thread per run (``XLA_FLAGS=
 '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'``),
 two runs at a time pinned to separate cores.
@@ -117,6 +120,9 @@ class Optimizer:
 def _sgd_nesterov(learning_rate):
   return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
 
+
+# The optimizer every other is measured against, in steps and in seconds.
+BASELINE = 'adam'
 
 OPTIMIZERS = {
     'adam': Optimizer('adam', optax.adam, False),
@@ -599,6 +605,43 @@ def _time_block(state, period: int) -> list[float]:
   return out
 
 
+def merge_profiles(saved: dict, settings: dict, profiles: dict) -> dict:
+  """Adds new step-time profiles to the saved ones of a task.
+
+  When the saved file keeps specs that were not profiled again, the new
+  profiles are scaled by the ratio of the saved baseline profile's mean to
+  the new one's (the baseline is then not replaced): each new spec keeps
+  the ratio to the baseline measured side by side in its run, and the
+  older specs keep theirs.
+
+  Args:
+    saved: the task's saved ``settings``, ``profiles`` and (optionally)
+      ``rescaled`` (spec -> factor).
+    settings: spec -> ``(lr, damping)`` of the new profiles.
+    profiles: spec -> seconds of each step, from one ``time_steps`` run
+      that includes the baseline whenever ``saved`` has a baseline.
+
+  Returns:
+    the merged ``settings``, ``profiles`` and ``rescaled``.
+  """
+  rescaled = {s: f for s, f in saved.get('rescaled', {}).items()
+              if s not in profiles}
+  if (BASELINE in saved['profiles']
+      and set(saved['profiles']) - set(profiles)):
+    if BASELINE not in profiles:
+      raise ValueError(f'profile {BASELINE!r} beside the new specs: the '
+                       'saved profiles are relative to it')
+    factor = float(np.mean(saved['profiles'][BASELINE])
+                   / np.mean(profiles[BASELINE]))
+    profiles = {s: [t * factor for t in p] for s, p in profiles.items()
+                if s != BASELINE}
+    settings = {s: v for s, v in settings.items() if s != BASELINE}
+    rescaled.update({s: factor for s in profiles})
+  return {'settings': {**saved['settings'], **settings},
+          'profiles': {**saved['profiles'], **profiles},
+          'rescaled': rescaled}
+
+
 def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
            repeats: int) -> str:
   """Profiles each spec's best cached setting; writes ``<task>.json``."""
@@ -612,20 +655,22 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
     if mine:
       best, _ = _convergence_report.best_setting(mine)
       settings[spec] = (best['lr'], best['damping'])
-  task = tasks_lib.TASKS[task_name]('full')
-  profiles = time_steps(task, settings, period, repeats)
   path = os.path.join(out_dir, f'{task_name}.json')
-  os.makedirs(out_dir, exist_ok=True)
   saved = {'settings': {}, 'profiles': {}}
   if os.path.exists(path):  # profiles of other specs stay
     with open(path) as f:
       saved = json.load(f)
+  if BASELINE in saved['profiles'] and BASELINE not in settings:
+    settings[BASELINE] = tuple(saved['settings'][BASELINE])
+  task = tasks_lib.TASKS[task_name]('full')
+  profiles = time_steps(task, settings, period, repeats)
+  merged = merge_profiles(saved, settings, profiles)
+  os.makedirs(out_dir, exist_ok=True)
   with open(path, 'w') as f:
     json.dump({'task': task_name, 'period': period, 'repeats': repeats,
                'xla_flags': os.environ.get('XLA_FLAGS', ''),
                'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-               'settings': {**saved['settings'], **settings},
-               'profiles': {**saved['profiles'], **profiles}}, f, indent=1)
+               **merged}, f, indent=1)
   for spec, prof in profiles.items():
     print(f'  {task_name} {spec}: {np.mean(prof) * 1e3:.2f} ms per step '
           f'(median step {np.median(prof) * 1e3:.2f} ms)', flush=True)

@@ -50,6 +50,37 @@ class CacheTest(absltest.TestCase):
     self.assertEqual(got['stats_every'], '10')
 
 
+class MergeProfilesTest(absltest.TestCase):
+
+  SAVED = {'settings': {'adam': [1e-3, None], 'kfac': [1e-3, 1e-2]},
+           'profiles': {'adam': [1.0, 3.0], 'kfac': [4.0, 8.0]}}
+
+  def test_a_later_profile_keeps_its_ratio_and_the_older_ones(self):
+    # This run's machine is twice as fast: Adam 1 s a step, EKFAC 5 s.
+    merged = convergence.merge_profiles(
+        self.SAVED, {'adam': (1e-3, None), 'ekfac': (1e-2, 1e-1)},
+        {'adam': [0.5, 1.5], 'ekfac': [4.0, 6.0]})
+    self.assertEqual(merged['profiles']['adam'], [1.0, 3.0])
+    self.assertEqual(merged['profiles']['kfac'], [4.0, 8.0])
+    self.assertEqual(merged['profiles']['ekfac'], [8.0, 12.0])
+    self.assertEqual(merged['rescaled'], {'ekfac': 2.0})
+    self.assertEqual(merged['settings']['ekfac'], (1e-2, 1e-1))
+
+  def test_profiling_every_spec_again_replaces_them_all(self):
+    merged = convergence.merge_profiles(
+        {**self.SAVED, 'rescaled': {'kfac': 2.0}},
+        {'adam': (1e-3, None), 'kfac': (1e-3, 1e-2)},
+        {'adam': [0.5, 1.5], 'kfac': [4.0, 6.0]})
+    self.assertEqual(merged['profiles']['adam'], [0.5, 1.5])
+    self.assertEqual(merged['profiles']['kfac'], [4.0, 6.0])
+    self.assertEqual(merged['rescaled'], {})
+
+  def test_a_later_profile_needs_the_baseline(self):
+    with self.assertRaisesRegex(ValueError, "'adam'"):
+      convergence.merge_profiles(self.SAVED, {'ekfac': (1e-2, 1e-1)},
+                                 {'ekfac': [4.0, 6.0]})
+
+
 class TuneTest(parameterized.TestCase):
   """The sweep protocol on a made-up validation loss, without training."""
 
