@@ -774,16 +774,20 @@ def main(argv=None) -> int:
     steps = args.budget_steps or STEPS[task_name]
     study = Study(task_name, 'full', steps, args.budget_seconds, args.cache)
     for spec in optimizers:
+      # The first run checks that the spec can run here. With --fixed it is
+      # that setting's seed 0: the sweep's first setting would be cached as
+      # one more seed-0 run, which the report could pick as the best.
+      if args.fixed:
+        lr, *rest = (float(v) for v in args.fixed.split(','))
+        first = (lr, rest[0] if rest else None, 0)
+      else:
+        first = _first_setting(study, spec)
       try:
-        study.run(spec, *_first_setting(study, spec))
+        study.run(spec, *first)
       except Skip as e:
         print(f'{task_name} {spec}: skipped ({e})')
         continue
-      if args.fixed:
-        lr, *rest = (float(v) for v in args.fixed.split(','))
-        damping = rest[0] if rest else None
-      else:
-        lr, damping = study.tune(spec)
+      lr, damping = first[:2] if args.fixed else study.tune(spec)
       study.seeds(spec, lr, damping, args.seeds)
       print(f'{task_name} {spec}: best lr={lr:g} damping={damping}',
             flush=True)

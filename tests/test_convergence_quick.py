@@ -9,7 +9,9 @@ assertion.
 import math
 import os
 import sys
+import tempfile
 import types
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -79,6 +81,26 @@ class MergeProfilesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "'adam'"):
       convergence.merge_profiles(self.SAVED, {'ekfac': (1e-2, 1e-1)},
                                  {'ekfac': [4.0, 6.0]})
+
+
+class FixedTest(absltest.TestCase):
+
+  def test_fixed_runs_only_its_own_setting(self):
+    runs = []
+
+    class FakeStudy(convergence.Study):
+
+      def run(self, spec, lr, damping, seed):
+        runs.append((spec, lr, damping, seed))
+        return {}
+
+    with (mock.patch.object(convergence, 'Study', FakeStudy),
+          tempfile.TemporaryDirectory() as cache):
+      convergence.main(['--task', 'regression', '--optimizers', 'kfac',
+                        '--fixed', '0.1,0.01', '--seeds', '2',
+                        '--cache', cache])
+    self.assertEqual(set(runs), {('kfac', 0.1, 0.01, 0),
+                                 ('kfac', 0.1, 0.01, 1)})
 
 
 class TuneTest(parameterized.TestCase):
