@@ -48,6 +48,7 @@ import optax
 
 from fisher_optax import _base
 from fisher_optax import _pairing
+from fisher_optax import _sharding
 from fisher_optax import _stats
 
 MODES = ('paper', 'reference')
@@ -446,6 +447,7 @@ def scale_by_adafisher(
         nonfinite=jnp.zeros([], jnp.int32),
     )
 
+  @_sharding.with_auto_axes
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args

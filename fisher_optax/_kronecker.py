@@ -57,6 +57,7 @@ import optax
 from fisher_optax import _base
 from fisher_optax import _linalg
 from fisher_optax import _pairing
+from fisher_optax import _sharding
 from fisher_optax import _stats
 
 
@@ -953,6 +954,7 @@ def scale_by_kronecker(
   def init_fn(params):
     return init_state(algorithm, opts, init_layouts(template, params), params)
 
+  @_sharding.with_auto_axes
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args

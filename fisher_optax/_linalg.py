@@ -357,14 +357,14 @@ def _spread(fn: Callable[..., Any], axis: str, stack: jax.Array,
             *extra: jax.Array) -> Any:
   """``fn(stack, *extra)`` with the blocks shared out over mesh axis ``axis``.
 
-  Each device factorises ``ceil(N / n)`` of the ``N`` blocks and the results
-  are gathered, so every device ends with all of them. Under ``jit`` (an
-  ``Auto`` or ``Explicit`` axis) this is a sharding of the block axis that
-  XLA's SPMD partitioner carries through ``fn`` and an all-gather back to
-  replicated. Under ``shard_map`` (a ``Manual`` axis) each device slices its
+  Each device factorises ``ceil(N / n)`` of the ``N`` blocks and the results are
+  gathered, so every device ends with all of them. Under ``jit`` (an ``Auto``
+  axis; the updates make Explicit axes Auto) this is a sharding of the block
+  axis that XLA's SPMD partitioner carries through ``fn`` and an all-gather back
+  to replicated. Under ``shard_map`` (a ``Manual`` axis) each device slices its
   share with ``axis_index``; the shares are put in place in zeros and summed
-  with ``psum``, an all-reduce whose result is replicated by construction,
-  so it also passes ``shard_map``'s replication check (``check_vma``).
+  with ``psum``, an all-reduce whose result is replicated by construction, so it
+  also passes ``shard_map``'s replication check (``check_vma``).
   Adding zeros is exact, so either way the result equals ``fn(stack)``.
   """
   mesh = jax.sharding.get_abstract_mesh()
@@ -395,14 +395,13 @@ def _spread(fn: Callable[..., Any], axis: str, stack: jax.Array,
       full = lax.dynamic_update_slice_in_dim(full, part, start, 0)
       return lax.psum(full, axis)[:total]
     return jax.tree.map(gather, mine)
+  # An Auto axis: the optimizers' updates make Explicit axes Auto
+  # (_sharding.with_auto_axes), so XLA may pad a stack that does not divide.
   spec = jax.sharding.PartitionSpec(axis)
   replicated = jax.sharding.PartitionSpec()
-  if kind == jax.sharding.AxisType.Explicit:
-    place = jax.sharding.reshard
-  else:
-    place = lax.with_sharding_constraint
-  out = fn(*(place(x, spec) for x in (stack, *extra)))
-  return jax.tree.map(lambda leaf: place(leaf, replicated), out)
+  out = fn(*(lax.with_sharding_constraint(x, spec) for x in (stack, *extra)))
+  return jax.tree.map(
+      lambda leaf: lax.with_sharding_constraint(leaf, replicated), out)
 
 
 def bucketed(

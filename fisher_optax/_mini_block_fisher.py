@@ -42,6 +42,7 @@ from fisher_optax import _base
 from fisher_optax import _linalg
 from fisher_optax import _mini_blocks
 from fisher_optax import _pairing
+from fisher_optax import _sharding
 
 DENSE_BLOCKS = _mini_blocks.DENSE_BLOCKS
 # 'adam' squares the averaged momentum as the released code does;
@@ -401,6 +402,7 @@ def scale_by_mini_block_fisher(
         nonfinite=_zero_count(),
     )
 
+  @_sharding.with_auto_axes
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args

@@ -10,11 +10,62 @@ state's shardings once makes the layout a decision instead of an accident.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
 
 from fisher_optax import _base
+
+
+def _spec(x: Any) -> jax.sharding.PartitionSpec:
+  return jax.typeof(x).sharding.spec
+
+
+def _all_arrays(tree: Any) -> bool:
+  return all(isinstance(leaf, (jax.Array, jax.core.Tracer))
+             for leaf in jax.tree.leaves(tree))
+
+
+def with_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``update_fn`` run with the mesh's Explicit axes made Auto.
+
+  Under a mesh with Explicit axes (``jax.make_mesh``'s default since JAX
+  0.7: sharding in types) every contraction over a sharded axis must state
+  its output's sharding, and so must every reshape that merges a sharded
+  axis with another: the statistics sum over the batch (which data
+  parallelism shards), the convolution statistics fold output positions
+  into it, the preconditioners contract the sharded axis of an FSDP
+  gradient. Instead of annotating each, an optimizer's update runs as it
+  does under Auto axes (``jax.sharding.auto_axes``), where XLA places the
+  reductions as all-reduces, and its results are given the shardings the
+  caller's types say: the updates those of the gradients, the new state
+  those of the old. The same code as under Auto axes thus runs under
+  both, and both are tested against one device.
+
+  Without a mesh, under Auto axes or inside ``shard_map`` (Manual axes)
+  the update runs as it is.
+  """
+
+  @functools.wraps(update_fn)
+  def wrapped(updates, state, params=None, **extra_args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+      return update_fn(updates, state, params, **extra_args)
+    # auto_axes re-types its positional array arguments only; extra
+    # arguments that are not arrays (callables) stay in the closure.
+    arrays = {k: v for k, v in extra_args.items() if _all_arrays(v)}
+    others = {k: v for k, v in extra_args.items() if k not in arrays}
+    out_sharding = (jax.tree.map(_spec, updates), jax.tree.map(_spec, state))
+
+    def run(updates, state, params, arrays):
+      return update_fn(updates, state, params, **arrays, **others)
+    return jax.sharding.auto_axes(
+        run, axes=mesh.explicit_axes, out_sharding=out_sharding)(
+            updates, state, params, arrays)
+
+  return wrapped
 
 
 def _key(path) -> tuple[str, ...]:

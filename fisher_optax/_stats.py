@@ -396,6 +396,6 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
   else:
     raise ValueError(f'no Kronecker rows for layer kind {meta.kind!r}')
   if has_bias:
-    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], -1)
+    a = jnp.concatenate([a, jnp.ones_like(a[..., :1])], -1)
   rows = a.shape[-2]
   return KroneckerRows(a, g * scale, rows // batch, st.a.shape[k])

@@ -5,12 +5,13 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Usage:
 
   python tests/_multi_device_worker.py GROUP OUT.npz
 
-GROUP is ``sharded_jit`` (data parallel and FSDP under ``jit``) or
-``shard_map`` (``shard_map`` with and without ``check_vma``, and
-``spread_inverses``). For every optimizer and mode it saves the parameters
-after five steps (``<mode>/<optimizer>/<leaf>``) next to the single-device
-run's (``single/<optimizer>/<leaf>``); the test compares them. It also
-saves a few facts as strings under ``facts/...``.
+GROUP is ``sharded_jit`` (data parallel and FSDP under ``jit``), ``shard_map``
+(``shard_map`` with and without ``check_vma``, and ``spread_inverses``) or
+``explicit`` (the same on a mesh with Explicit axes, ``jax.make_mesh``'s
+default, beside an Auto one). For every optimizer and mode it saves the
+parameters after five steps (``<mode>/<optimizer>/<leaf>``) next to the
+single-device run's (``single/<optimizer>/<leaf>``); the test compares them. It
+also saves a few facts as strings under ``facts/...``.
 """
 
 import functools
@@ -46,6 +47,19 @@ class Net(nn.Module):
     return nn.Dense(3)(x)
 
 
+class MLP(nn.Module):
+  """Dense and norm layers only: JAX cannot yet differentiate a convolution
+  whose batch is sharded in its type (jax-ml/jax#31798), so data parallelism
+  under ``jit`` on an Explicit mesh is tested without one."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.tanh(nn.Dense(16)(x))
+    x = nn.LayerNorm()(x)
+    return nn.Dense(3)(x)
+
+
 MODEL = Net()
 X = jax.random.normal(jax.random.key(0), (64, 6, 6, 2))
 Y = jax.random.randint(jax.random.key(1), (64,), 0, 3)
@@ -58,6 +72,16 @@ def loss_fn(params, x, y):
 
 
 STEP_FN = fo.linen.value_grad_and_stats(loss_fn)
+MLP_MODEL = MLP()
+MLP_PARAMS = MLP_MODEL.init(jax.random.key(3), X)['params']
+
+
+def mlp_loss_fn(params, x, y):
+  logits = MLP_MODEL.apply({'params': params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+MLP_STEP_FN = fo.linen.value_grad_and_stats(mlp_loss_fn)
 
 
 def make(name, **kwargs):
@@ -71,8 +95,9 @@ def make(name, **kwargs):
   return getattr(fo, name)(0.05, damping=0.1, inverse_every=2, **kwargs)
 
 
-def step(tx, params, state, x, y, grad_scale=None, axis=None):
-  _, grads, stats = STEP_FN(params, x, y)
+def step(tx, params, state, x, y, grad_scale=None, axis=None,
+         step_fn=STEP_FN):
+  _, grads, stats = step_fn(params, x, y)
   if axis is not None:
     grads = jax.lax.pmean(grads, axis)
   if grad_scale is not None:
@@ -137,7 +162,7 @@ def fsdp(mesh, name, facts):
   return params
 
 
-def shard_mapped(mesh, name, check_vma, **kwargs):
+def shard_mapped(mesh, name, check_vma, x=X, y=Y, **kwargs):
   """Each device its slice of the batch; statistics pmean-ed.
 
   With ``check_vma`` (shard_map's default) the gradient of the replicated
@@ -152,7 +177,7 @@ def shard_mapped(mesh, name, check_vma, **kwargs):
   fn = jax.jit(jax.shard_map(
       body, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
       out_specs=(P(), P()), check_vma=check_vma))
-  return train(tx, fn, PARAMS, tx.init(PARAMS), X, Y)[0]
+  return train(tx, fn, PARAMS, tx.init(PARAMS), x, y)[0]
 
 
 def spread_jit(mesh, name, facts):
@@ -165,11 +190,88 @@ def spread_jit(mesh, name, facts):
     for key, t in (('spread', tx), ('replicated', replicated)):
       hlo = jax.jit(functools.partial(step, t)).lower(
           PARAMS, t.init(PARAMS), x, y).compile().as_text()
-      facts[f'facts/collectives/{key}/{name}'] = str(len(re.findall(
-          r' (?:all-gather|all-reduce|collective-permute|all-to-all)'
-          r'(?:-start)?\(', hlo)))
+      facts[f'facts/collectives/{key}/{name}'] = str(count_collectives(hlo))
     fn = jax.jit(functools.partial(step, tx))
     return train(tx, fn, PARAMS, tx.init(PARAMS), x, y)[0]
+
+
+def count_collectives(hlo):
+  return len(re.findall(
+      r' (?:all-gather|all-reduce|collective-permute|all-to-all)'
+      r'(?:-start)?\(', hlo))
+
+
+def explicit(name, results, facts):
+  """A mesh with Explicit axes (``jax.make_mesh``'s default) beside Auto."""
+  explicit_mesh = jax.make_mesh((DEVICES,), ('data',))
+  assert explicit_mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+  auto_mesh = Mesh(np.array(jax.devices()), ('data',))
+  mlp_step = functools.partial(step, step_fn=MLP_STEP_FN)
+
+  def mlp_train(tx, mesh):
+    batch = NamedSharding(mesh, P('data'))
+    return train(tx, jax.jit(functools.partial(mlp_step, tx)), MLP_PARAMS,
+                 tx.init(MLP_PARAMS), jax.device_put(X, batch),
+                 jax.device_put(Y, batch))[0]
+
+  tx = make(name)
+  results.setdefault('mlp_single', {})[name] = train(
+      tx, jax.jit(functools.partial(mlp_step, tx)), MLP_PARAMS,
+      tx.init(MLP_PARAMS), X, Y)[0]
+  results.setdefault('mlp_auto', {})[name] = mlp_train(tx, auto_mesh)
+  with jax.set_mesh(explicit_mesh):
+    results.setdefault('mlp_explicit', {})[name] = mlp_train(
+        tx, explicit_mesh)
+    if name in SPREAD:
+      spread = make(name, spread_inverses='data')
+      results.setdefault('mlp_explicit_spread', {})[name] = mlp_train(
+          spread, explicit_mesh)
+      batch = NamedSharding(explicit_mesh, P('data'))
+      x, y = jax.device_put(X, batch), jax.device_put(Y, batch)
+      for key, t in (('spread', spread), ('replicated', tx)):
+        hlo = jax.jit(functools.partial(mlp_step, t)).lower(
+            MLP_PARAMS, t.init(MLP_PARAMS), x, y).compile().as_text()
+        facts[f'facts/explicit_collectives/{key}/{name}'] = str(
+            count_collectives(hlo))
+    if name in VMA_OFF:
+      # Inside shard_map the axis is Manual: the Auto code path runs.
+      # An Explicit mesh wants the inputs typed as batch-sharded.
+      batch = NamedSharding(explicit_mesh, P('data'))
+      results.setdefault('explicit_shard_map', {})[name] = shard_mapped(
+          explicit_mesh, name, True, jax.device_put(X, batch),
+          jax.device_put(Y, batch))
+  results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
+      explicit_mesh, name, facts)
+
+
+def explicit_fsdp(mesh, name, facts):
+  """The conv net's update on an Explicit mesh, FSDP-sharded kernels."""
+  tx = make(name)
+  captured = jax.jit(STEP_FN)
+  sharding = jax.tree.map(lambda p: NamedSharding(mesh, fsdp_spec(p)),
+                          PARAMS)
+  params = jax.device_put(PARAMS, sharding)
+  state_sh = fo.state_shardings(jax.eval_shape(tx.init, params), params)
+  state = jax.device_put(tx.init(params), state_sh)
+  update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, layer_stats=st))
+
+  def batch_sharded(x):  # (calls, batch, ...)
+    return NamedSharding(mesh, P(None, 'data') if x.ndim >= 2 else P())
+  for _ in range(STEPS):
+    # Captured on one device, then typed as batch-sharded: JAX cannot
+    # differentiate the conv with a batch sharded in its type (see MLP).
+    _, grads, stats = captured(jax.tree.map(np.asarray, params),
+                               X, Y)
+    with jax.set_mesh(mesh):
+      grads = jax.device_put(grads, sharding)
+      stats = jax.device_put(stats, jax.tree.map(batch_sharded, stats))
+      updates, state = jax.block_until_ready(update(grads, state, params,
+                                                    stats))
+      params = optax.apply_updates(params, updates)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    facts[f'facts/explicit_fsdp_params/{name}/'
+          f'{jax.tree_util.keystr(path)}'] = str(jax.typeof(leaf).sharding.spec)
+  return params
 
 
 def save(out, results, facts):
@@ -190,7 +292,9 @@ def main(group, out):
   facts = {}
   for name in OPTIMIZERS:
     results['single'][name] = single(name)
-    if group == 'sharded_jit':
+    if group == 'explicit':
+      explicit(name, results, facts)
+    elif group == 'sharded_jit':
       results.setdefault('jit', {})[name] = data_parallel(mesh, name)
       results.setdefault('fsdp', {})[name] = fsdp(mesh, name, facts)
     else:
