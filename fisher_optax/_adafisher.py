@@ -148,7 +148,8 @@ def layer_factors(st: _base.LayerStats, old: Curvature, names: list[str],
     names: the layer's parameter names that are trained (frozen ones are
       left out).
     reference: the official code's constructions.
-    axis_name: data-parallel axis to average the factors over, or None.
+    axis_name: the data-parallel axis of ``shard_map``, or None: the
+      factors are then those of the whole batch.
 
   Returns:
     ``(new_h, new_s, normalise_h)``: lists in the order of ``names``, in the
@@ -156,10 +157,7 @@ def layer_factors(st: _base.LayerStats, old: Curvature, names: list[str],
     side of a kernel is one row, not the kernel's shape); ``normalise_h`` is
     False when ``h`` is identically one and must not be min-max normalised.
   """
-  factors, normalise_h = _stats.adafisher_factors(st, reference)
-  if axis_name is not None:
-    # Data-parallel replicas see different rows: average the factors.
-    factors = jax.tree.map(lambda x: lax.pmean(x, axis_name), factors)
+  factors, normalise_h = _stats.adafisher_factors(st, reference, axis_name)
   new_h = [factors[n].h.astype(x.dtype) for n, x in zip(names, old.h)]
   new_s = [factors[n].s.astype(x.dtype) for n, x in zip(names, old.s)]
   return new_h, new_s, normalise_h

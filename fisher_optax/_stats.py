@@ -209,13 +209,19 @@ def _norm_paper(st: _base.LayerStats):
   return out
 
 
-def _norm_reference(st: _base.LayerStats):
+def _norm_reference(st: _base.LayerStats, axis_name=None):
   """The official AdaFisher construction for BatchNorm / LayerNorm.
 
   ``H`` is a 2-vector (scale entry, bias entry) built from the raw input
   ``x`` and ``S`` is the squared per-feature batch gradient of the bias; see
   research/adafisher.md §1.2. BatchNorm reduces per channel; the other norms
   follow the LayerNorm rule (reduce over all axes but axis 1 of one call).
+
+  Both square sums over the batch, so a data-parallel replica cannot
+  average its own: with ``axis_name`` the sums are taken over the devices
+  first (``psum``), giving every replica the whole batch's statistics, and
+  each replica's ``g`` (the cotangent of its own mean loss, ``n`` times the
+  global mean loss's) is divided by the ``n`` devices.
   """
   meta = st.meta
   k = meta.stack_ndim
@@ -224,7 +230,8 @@ def _norm_reference(st: _base.LayerStats):
   stack = x.shape[:k]
   x = x.reshape(stack + (-1,) + x.shape[k + 2:])  # calls into batch
   g = g.reshape(stack + (-1,) + g.shape[k + 2:])
-  batch = x.shape[k]
+  devices = 1 if axis_name is None else lax.psum(1, axis_name)
+  batch = x.shape[k] * devices
   # Axes of one call, shifted past the stack; calls are merged into batch.
   feat = tuple(ax + k for ax in meta.cfg('feature_axes'))
   if meta.module == 'BatchNorm':
@@ -239,10 +246,14 @@ def _norm_reference(st: _base.LayerStats):
     u = jnp.sum(x, axis=other) / spatial ** 2
     n_entries = u.shape[-1]
   u = u.reshape(stack + (-1,))
+  g_other = tuple(ax for ax in range(k, g.ndim) if ax not in feat)
+  g_sum = jnp.sum(g, axis=g_other)
+  if axis_name is not None:
+    u = lax.psum(u, axis_name)
+    g_sum = lax.psum(g_sum, axis_name) / devices
   h_scale = jnp.sum(u * u, axis=-1) / batch ** 2
   h_bias = jnp.full(stack, n_entries / batch ** 2, x.dtype)
-  g_other = tuple(ax for ax in range(k, g.ndim) if ax not in feat)
-  s = jnp.sum(g, axis=g_other) ** 2 / batch
+  s = g_sum ** 2 / batch
   out = {}
   for role, h in (('scale', h_scale), ('bias', h_bias)):
     name = meta.param_name(role)
@@ -254,31 +265,45 @@ def _norm_reference(st: _base.LayerStats):
   return out
 
 
-def adafisher_factors(st: _base.LayerStats,
-                      reference: bool) -> tuple[dict[str, DiagFactors], bool]:
+def adafisher_factors(st: _base.LayerStats, reference: bool,
+                      axis_name=None) -> tuple[dict[str, DiagFactors], bool]:
   """AdaFisher's raw diagonal factors ``(H_D, S_D)`` of each parameter.
+
+  Every factor but the official norm construction is a mean over examples
+  of a square of one example's ``a`` or ``g``. Under ``shard_map`` with
+  ``axis_name`` each replica's ``g`` is the cotangent of its own mean loss,
+  ``n`` times the global mean loss's, so the factors of the whole batch are
+  the replicas' mean (``pmean``) with ``S_D`` divided by ``n**2``.
 
   Args:
     st: one layer's captured statistics.
     reference: use the official code's constructions (norm layers, conv
       scaling) instead of the paper-mode ones.
+    axis_name: the data-parallel axis of ``shard_map``, or None.
 
   Returns:
     ``({param name: DiagFactors}, normalise_h)``. ``normalise_h`` is False
     when ``h`` is identically one and must not be min-max normalised.
   """
   kind = st.meta.kind
+  if kind == 'norm' and reference:
+    return _norm_reference(st, axis_name), True
   if kind == 'dense':
-    return _dense(st, reference), True
-  if kind == 'conv':
-    return _conv(st, reference), True
-  if kind == 'embed':
-    return _embed(st, reference), True
-  if kind == 'norm':
-    if reference:
-      return _norm_reference(st), True
-    return _norm_paper(st), False
-  raise ValueError(f'AdaFisher has no statistics for layer kind {kind!r}.')
+    factors, normalise_h = _dense(st, reference), True
+  elif kind == 'conv':
+    factors, normalise_h = _conv(st, reference), True
+  elif kind == 'embed':
+    factors, normalise_h = _embed(st, reference), True
+  elif kind == 'norm':
+    factors, normalise_h = _norm_paper(st), False
+  else:
+    raise ValueError(f'AdaFisher has no statistics for layer kind {kind!r}.')
+  if axis_name is not None:
+    n = lax.psum(1, axis_name)
+    factors = {name: DiagFactors(lax.pmean(f.h, axis_name),
+                                 lax.pmean(f.s, axis_name) / n ** 2)
+               for name, f in factors.items()}
+  return factors, normalise_h
 
 
 # ----------------------------------------------------------------------------
