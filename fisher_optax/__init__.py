@@ -46,6 +46,7 @@ from fisher_optax._mini_block_fisher import scale_by_mini_block_fisher
 from fisher_optax._mini_block_fisher import ScaleByMiniBlockFisherState
 from fisher_optax._pairing import coverage
 from fisher_optax._pairing import Coverage
+from fisher_optax._sharding import assert_replicated
 from fisher_optax._sharding import state_shardings
 from fisher_optax._tkfac import scale_by_tekfac
 from fisher_optax._tkfac import scale_by_tkfac
@@ -65,6 +66,7 @@ __all__ = (
     'ScaleByMiniBlockFisherState',
     'adafisher',
     'adafisherw',
+    'assert_replicated',
     'coverage',
     'ekfac',
     'kfac',

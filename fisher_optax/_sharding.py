@@ -15,6 +15,8 @@ import functools
 from typing import Any
 
 import jax
+import jax.experimental.multihost_utils  # noqa: F401 (process_allgather)
+import numpy as np
 
 from fisher_optax import _base
 
@@ -137,3 +139,101 @@ def state_shardings(state: Any, params: Any) -> Any:
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _index_key(index) -> tuple[tuple[Any, Any, Any], ...]:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _fingerprint(x: np.ndarray) -> np.ndarray:
+  """Two random projections of ``x`` and its L1 norm, in float64.
+
+  The projections' weights depend only on the position, so equal arrays
+  give equal fingerprints everywhere and a permutation of values shows.
+  """
+  flat = np.asarray(x, np.float64).reshape(-1)
+  weights = np.random.default_rng(0).uniform(-1.0, 1.0, (2, flat.size))
+  return np.concatenate([weights @ flat, [np.abs(flat).sum()]])
+
+
+def assert_replicated(tree: Any, *, rtol: float = 1e-6) -> None:
+  """Checks that every copy of each replicated array holds the same values.
+
+  Under ``jit`` a replicated array (parameters in data parallelism, the
+  Kronecker factors, their inverses) is one value that every device holds a
+  copy of, and XLA trusts that the copies agree. They do not when the
+  program breaks that promise, silently, for example when each process of
+  a multi-process job passes its own host data as if it were the whole
+  replicated batch instead of building the global batch with
+  ``jax.make_array_from_process_local_data``: every process then steps on
+  its own statistics and the copies drift apart without an error. This
+  host-side check compares the copies: within a process array by array,
+  across processes by a fingerprint of each fully replicated leaf (two
+  random projections and the L1 norm, one small all-gather in all). Call
+  it on the parameters and optimizer state after the first step, and
+  every so often after; every process must call it (it is a collective
+  in a multi-process job).
+
+  Args:
+    tree: a pytree of ``jax.Array`` (other leaves are skipped).
+    rtol: copies differ when a fingerprint entry differs by more than
+      ``rtol`` times the leaf's L1 norm; float32 rounding of the same
+      computation stays far below the default.
+
+  Raises:
+    ValueError: some copies differ; names each such leaf by its path, the
+      processes or devices whose copies differ, and the relative
+      difference.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> fo.assert_replicated({'w': jnp.ones((3, 2))})  # one copy: passes
+  """
+  flat = [(jax.tree_util.keystr(path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if isinstance(leaf, jax.Array)]
+  bad = []
+  # Copies on this process's devices: compared directly.
+  for name, leaf in flat:
+    copies = {}
+    for shard in leaf.addressable_shards:
+      copies.setdefault(_index_key(shard.index), []).append(shard)
+    for shards in copies.values():
+      first = np.asarray(shards[0].data, np.float64)
+      for other in shards[1:]:
+        second = np.asarray(other.data, np.float64)
+        scale = max(float(np.abs(first).sum()), float(np.abs(second).sum()),
+                    np.finfo(np.float64).tiny)
+        diff = float(np.abs(second - first).sum()) / scale
+        if not diff <= rtol:
+          bad.append(f'{name} (devices {shards[0].device.id} and '
+                     f'{other.device.id}: relative difference {diff:.3g})')
+  if jax.process_count() > 1:
+    replicated = [(n, x) for n, x in flat if x.sharding.is_fully_replicated]
+    if replicated:
+      local = np.stack([_fingerprint(x.addressable_data(0))
+                        for _, x in replicated])
+      # (processes, leaves, 3): every process's fingerprints, everywhere.
+      every = np.asarray(jax.experimental.multihost_utils.process_allgather(
+          local))
+      for i, (name, _) in enumerate(replicated):
+        fps = every[:, i]
+        scale = max(float(np.abs(fps[:, -1]).max()),
+                    np.finfo(np.float64).tiny)
+        diff = np.abs(fps - fps[0]).max(axis=1) / scale
+        for p in np.flatnonzero(~(diff <= rtol)):
+          bad.append(f'{name} (processes 0 and {p}: relative difference '
+                     f'{diff[p]:.3g})')
+  if bad:
+    more = ''
+    if len(bad) > 8:
+      more = f'; and {len(bad) - 8} more: ' + ', '.join(
+          b.split(' (', 1)[0] for b in bad[8:])
+    raise ValueError(
+        f'assert_replicated: {len(bad)} replicated array(s) hold different '
+        'values on different processes or devices: '
+        + '; '.join(bad[:8]) + more
+        + '. Each process must feed its part of one global batch '
+        '(jax.make_array_from_process_local_data) and run the same '
+        'program with the same seeds; see docs/multi_device.md.')
