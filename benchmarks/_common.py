@@ -7,12 +7,14 @@ take MNIST-shaped images ``(batch, 28, 28, 1)``.
 from collections.abc import Callable
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 
 import fisher_optax as fo
@@ -202,3 +204,26 @@ def interleaved(runners: list[Runner], repeats: int, block: int
       r.sync()
       times[i].append((time.perf_counter() - start) / block)
   return times
+
+
+_COLLECTIVE = re.compile(
+    r'= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute)(?:-start)?\(')
+_ARRAY = re.compile(r'(pred|s8|s16|s32|s64|u8|u32|bf16|f16|f32|f64)'
+                    r'\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'bf16': 2, 'f16': 2,
+          's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'f64': 8}
+
+
+def collectives(hlo: str) -> tuple[dict[str, int], int]:
+  """Counts of each collective in compiled HLO text and their result bytes."""
+  counts, total = {}, 0
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+    for dtype, dims in _ARRAY.findall(m.group(1)):
+      size = int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
+      total += size * _BYTES[dtype]
+  return counts, total

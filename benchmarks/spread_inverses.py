@@ -24,7 +24,6 @@ Usage (8 forced CPU devices are set up by the script itself):
 import argparse
 import functools
 import os
-import re
 import statistics
 import time
 
@@ -42,27 +41,7 @@ import optax  # noqa: E402
 
 import fisher_optax as fo  # noqa: E402
 
-_COLLECTIVE = re.compile(
-    r'= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|'
-    r'collective-permute)(?:-start)?\(')
-_ARRAY = re.compile(r'(pred|s8|s16|s32|s64|u8|u32|bf16|f16|f32|f64)'
-                    r'\[([\d,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'bf16': 2, 'f16': 2,
-          's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'f64': 8}
-
-
-def collectives(hlo: str) -> tuple[dict[str, int], int]:
-  """Counts of each collective and the bytes of their results."""
-  counts, total = {}, 0
-  for line in hlo.splitlines():
-    m = _COLLECTIVE.search(line)
-    if not m:
-      continue
-    counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-    for dtype, dims in _ARRAY.findall(m.group(1)):
-      size = int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
-      total += size * _BYTES[dtype]
-  return counts, total
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def blocks_per_device(state, n: int, spread: bool) -> int:
@@ -168,7 +147,7 @@ def main():
             call = (params, state, x, y)
           hlo = fn.lower(*call).compile().as_text()
           seconds = time_it(fn, call, repeats)
-        counts, total = collectives(hlo)
+        counts, total = _common.collectives(hlo)
         text = ', '.join(f'{v} {k}' for k, v in sorted(counts.items()))
         print(f'| {name} | {mode} | '
               f'{"spread" if spread else "replicated"} | '
