@@ -10,9 +10,13 @@ replicated, ``jit``) runs in two layouts of the same 4 devices:
   collectives over gloo on 127.0.0.1.
 
 Each layout times every optimizer side by side (interleaved blocks of
-jitted, donated steps after warm-up, as ``benchmarks/step_time.py``), and a
-step that only all-reduces a parameter-sized array (``all-reduce``), which
-isolates the cross-process collective's cost. ``ratio`` is 2x2's time per
+jitted, donated steps after warm-up, as ``benchmarks/step_time.py``), and
+steps that only all-reduce an array of the gradient's size and of the
+largest step's collective volume (K-FAC's factors), which isolate the
+collectives' cost. In ``2x2`` the Adam and K-FAC steps also run with each
+process alone on its own two devices and half of the batch, both processes
+at once (``each process alone``): two runtimes sharing the machine with
+nothing crossing between them. ``ratio`` is 2x2's time per
 step over 1x4's; ``collective bytes`` are the result bytes of the
 collectives in one compiled step (the same in both layouts).
 
@@ -92,33 +96,61 @@ def child(out_path, names, batch, repeats, block):
                                    layer_stats=stats)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  runners, facts = [], {}
-  for name in names:
+  def make_step(name):
     tx, fisher = make(name)
     step = (jax.jit(functools.partial(fisher_step, tx), donate_argnums=(0, 1))
             if fisher else _common.make_gradient_step(tx, loss_fn, True))
+    return tx, step
+
+  runners, facts = [], {}
+  for name in names:
+    tx, step = make_step(name)
     state = jax.device_put(tx.init(params), everywhere)
     hlo = step.lower(params, state, *data).compile().as_text()
     facts[name] = _common.collectives(hlo)[1]
     runners.append(_common.optax_runner(name, None, tx, step, params, data))
 
-  # The all-reduce alone: each device's row of a (devices, size) array,
-  # summed into one replicated vector of the parameters' size.
-  size = sum(p.size for p in jax.tree.leaves(params))
-  stacked = jax.device_put(np.ones((jax.device_count(), size), np.float32),
-                           rows)
+  if jax.process_count() > 1:
+    # Each process alone on its own devices and rows, at the same time as
+    # the other: two runtimes sharing the machine, nothing crossing them.
+    local = Mesh(np.array(jax.local_devices()), ('data',))
+    local_data = tuple(jax.device_put(a[mine], NamedSharding(local, P('data')))
+                       for a in (images, labels))
+    local_params = jax.device_put(
+        jax.tree.map(np.asarray, model.init(jax.random.key(0),
+                                            images[:1])['params']),
+        NamedSharding(local, P()))
+    for name in ('adam', 'kfac'):
+      if name in names:
+        tx, step = make_step(name)
+        runners.append(_common.optax_runner(
+            f'{name} (each process alone)', None, tx, step, local_params,
+            local_data))
+
+  # The all-reduce alone, of the gradient's size and of the largest
+  # collective volume of a step above: each device's row of a
+  # (devices, size) array summed into one replicated vector.
+  sizes = {'all-reduce (gradient)': sum(
+      p.size for p in jax.tree.leaves(params))}
+  largest = max(facts, key=facts.get)
+  if facts[largest] // 4 > 2 * sizes['all-reduce (gradient)']:
+    sizes[f'all-reduce ({largest})'] = facts[largest] // 4
   reduce = jax.jit(lambda y: jnp.sum(y, axis=0), out_shardings=everywhere)
-  facts['all-reduce'] = _common.collectives(
-      reduce.lower(stacked).compile().as_text())[1]
-  holder = {'out': None}
+  for label, size in sizes.items():
+    stacked = jax.device_put(
+        np.ones((jax.device_count(), size), np.float32), rows)
+    facts[label] = _common.collectives(
+        reduce.lower(stacked).compile().as_text())[1]
+    holder = {'out': None}
 
-  def run(k):
-    for _ in range(k):
-      holder['out'] = reduce(stacked)
+    def run(k, stacked=stacked, holder=holder):
+      for _ in range(k):
+        holder['out'] = reduce(stacked)
 
-  runners.append(_common.Runner(
-      'all-reduce', None, run, lambda: jax.block_until_ready(holder['out']),
-      lambda: None))
+    runners.append(_common.Runner(
+        label, None, run,
+        lambda holder=holder: jax.block_until_ready(holder['out']),
+        lambda: None))
   _common.warm_up(runners, 2)
   times = _common.interleaved(runners, repeats, block)
   if jax.process_index() == 0:
@@ -165,10 +197,14 @@ def main():
         f'devices, CNN of examples/mnist.py, global batch {args.batch}, '
         f'median of {args.repeats} blocks of {args.block} steps:\n')
   rows = []
-  for name in names + ['all-reduce']:
-    a, b = single['ms'][name], double['ms'][name]
-    rows.append((name, f'{a:.1f}', f'{b:.1f}', f'{b / a:.2f}',
-                 f'{single["collective_bytes"][name]:,}'))
+  for name in double['ms']:
+    b = double['ms'][name]
+    if name in single['ms']:
+      a = single['ms'][name]
+      rows.append((name, f'{a:.1f}', f'{b:.1f}', f'{b / a:.2f}',
+                   f'{single["collective_bytes"][name]:,}'))
+    else:
+      rows.append((name, '', f'{b:.1f}', '', '0'))
   _common.print_table(('step', '1x4 ms', '2x2 ms', 'ratio',
                        'collective bytes'), rows)
 

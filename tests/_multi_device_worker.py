@@ -28,6 +28,8 @@ import optax
 
 import fisher_optax as fo
 
+import _worker_common  # pylint: disable=g-import-not-at-top
+
 STEPS = 5
 DEVICES = 8
 OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
@@ -84,26 +86,8 @@ def mlp_loss_fn(params, x, y):
 MLP_STEP_FN = fo.linen.value_grad_and_stats(mlp_loss_fn)
 
 
-def make(name, **kwargs):
-  # Inverse and statistics periods of 2 so five steps include refreshes and
-  # the steps between them.
-  if name in ('adafisher', 'adafisherw'):
-    return getattr(fo, name)(1e-2, damping=0.1, stats_every=2, **kwargs)
-  if name == 'mini_block_fisher':
-    return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
-                                **kwargs)
-  return getattr(fo, name)(0.05, damping=0.1, inverse_every=2, **kwargs)
-
-
-def step(tx, params, state, x, y, grad_scale=None, axis=None,
-         step_fn=STEP_FN):
-  _, grads, stats = step_fn(params, x, y)
-  if axis is not None:
-    grads = jax.lax.pmean(grads, axis)
-  if grad_scale is not None:
-    grads = jax.tree.map(lambda g: g * grad_scale, grads)
-  updates, state = tx.update(grads, state, params, layer_stats=stats)
-  return optax.apply_updates(params, updates), state
+make = _worker_common.make
+step = functools.partial(_worker_common.step, step_fn=STEP_FN)
 
 
 def train(tx, fn, params, state, x, y):

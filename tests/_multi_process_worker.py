@@ -53,6 +53,8 @@ import launch  # noqa: E402  (the examples' launcher: initialize())
 
 import fisher_optax as fo  # noqa: E402
 
+import _worker_common  # noqa: E402
+
 if 'FO_NUM_PROCESSES' in os.environ:  # started by the launcher
   # Before anything below touches a device. A dead peer is noticed after
   # the heartbeat timeout (JAX's default: 100 s).
@@ -91,25 +93,8 @@ def loss_fn(params, x, y):
 STEP_FN = fo.linen.value_grad_and_stats(loss_fn)
 
 
-def make(name, **kwargs):
-  # Periods of 2 so five steps include refreshes and the steps between.
-  if name == 'adafisher_reference':
-    return fo.adafisher(1e-2, damping=1e-3, mode='reference', stats_every=2,
-                        **kwargs)
-  if name in ('adafisher', 'adafisherw'):
-    return getattr(fo, name)(1e-2, damping=0.1, stats_every=2, **kwargs)
-  if name == 'mini_block_fisher':
-    return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
-                                **kwargs)
-  return getattr(fo, name)(0.05, damping=0.1, inverse_every=2, **kwargs)
-
-
-def step(tx, params, state, x, y, grad_scale=None):
-  _, grads, stats = STEP_FN(params, x, y)
-  if grad_scale is not None:
-    grads = jax.tree.map(lambda g: g * grad_scale, grads)
-  updates, state = tx.update(grads, state, params, layer_stats=stats)
-  return optax.apply_updates(params, updates), state
+make = _worker_common.make
+step = functools.partial(_worker_common.step, step_fn=STEP_FN)
 
 
 def train(fn, params, state, x, y, steps):

@@ -1,0 +1,43 @@
+"""What the multi-device and multi-process workers share.
+
+Both compare an optimizer's steps on several devices with its steps on one;
+they build each optimizer and take each step the same way.
+"""
+
+import jax
+import optax
+
+import fisher_optax as fo
+
+
+def make(name, **kwargs):
+  """The optimizer ``name`` with periods of 2.
+
+  Five steps then include statistics and inverse refreshes and the steps
+  between them. ``'adafisher_reference'`` is AdaFisher's official-code mode.
+  """
+  if name == 'adafisher_reference':
+    return fo.adafisher(1e-2, damping=1e-3, mode='reference', stats_every=2,
+                        **kwargs)
+  if name in ('adafisher', 'adafisherw'):
+    return getattr(fo, name)(1e-2, damping=0.1, stats_every=2, **kwargs)
+  if name == 'mini_block_fisher':
+    return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
+                                **kwargs)
+  return getattr(fo, name)(0.05, damping=0.1, inverse_every=2, **kwargs)
+
+
+def step(tx, params, state, x, y, grad_scale=None, axis=None, *, step_fn):
+  """One step: capture, average or scale the gradient if asked, update.
+
+  Under ``shard_map`` the gradient of the replicated parameters comes out
+  summed over the devices with ``check_vma`` (``grad_scale`` undoes it) and
+  per device without (``axis`` pmeans it).
+  """
+  _, grads, stats = step_fn(params, x, y)
+  if axis is not None:
+    grads = jax.lax.pmean(grads, axis)
+  if grad_scale is not None:
+    grads = jax.tree.map(lambda g: g * grad_scale, grads)
+  updates, state = tx.update(grads, state, params, layer_stats=stats)
+  return optax.apply_updates(params, updates), state
