@@ -1,11 +1,16 @@
-"""Shardings of an optimizer state for parameters sharded over a mesh.
+"""How the optimizers meet meshes: layouts, mesh axis types, replicas.
 
-With parameters sharded FSDP-style (``NamedSharding`` of kernels over a mesh
-axis), ``jit`` leaves the layout of everything it creates to XLA's sharding
-propagation: a state made by ``jax.jit(tx.init)`` lands on one device (its
-zeros depend on no input), and a train step without ``out_shardings`` may
-return each slot laid out differently from the step before. Pinning the
-state's shardings once makes the layout a decision instead of an accident.
+* :func:`state_shardings`. With parameters sharded FSDP-style
+  (``NamedSharding`` of kernels over a mesh axis), ``jit`` leaves the layout
+  of everything it creates to XLA's sharding propagation: a state made by
+  ``jax.jit(tx.init)`` lands on one device (its zeros depend on no input),
+  and a train step without ``out_shardings`` may return each slot laid out
+  differently from the step before. Pinning the state's shardings once
+  makes the layout a decision instead of an accident.
+* :func:`with_auto_axes`: every optimizer's update on a mesh with Explicit
+  axes (``jax.make_mesh``'s default).
+* :func:`assert_replicated`: a host-side check that the copies of every
+  replicated array agree across devices and processes.
 """
 
 from __future__ import annotations
