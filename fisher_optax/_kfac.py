@@ -90,6 +90,7 @@ def scale_by_kfac(
     eigen_correction: bool = False,
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
+    weight_sharing: str = 'expand',
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning; see :func:`fisher_optax.kfac`.
 
@@ -120,7 +121,7 @@ def scale_by_kfac(
       fallback_eps=fallback_eps, axis_name=axis_name,
       spread_inverses=spread_inverses,
       eigen_correction=eigen_correction, decay_schedule=decay_schedule,
-      conv_scaling=conv_scaling)
+      conv_scaling=conv_scaling, weight_sharing=weight_sharing)
 
 
 def kfac(
@@ -147,6 +148,7 @@ def kfac(
     decay_schedule: str = 'constant',
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
+    weight_sharing: str = 'expand',
     loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC with heavy-ball momentum (or Adam-style, see below).
@@ -246,6 +248,13 @@ def kfac(
     conv_scaling: EKFAC on convolutions: ``'per_example'`` (the paper's
       scaling, from per-example gradients) or ``'per_position'`` (location
       expanded); see :func:`fisher_optax.ekfac`.
+    weight_sharing: ``'expand'`` (default) or ``'reduce'``, for layers that
+      share their weights within an example (a conv's output positions, a
+      dense layer's tokens, repeated calls): their rows are extra examples
+      (K-FAC-expand), or are averaged (inputs) and summed (output
+      cotangents) per example before the outer products (K-FAC-reduce,
+      Eschenhagen et al., 2023), which makes the statistics as many times
+      cheaper; see ``docs/kronecker.md``. Embeddings always expand.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update``
@@ -292,7 +301,8 @@ def kfac(
           layers=layers, fallback_b2=fallback_b2, fallback_eps=fallback_eps,
           axis_name=axis_name, spread_inverses=spread_inverses,
           eigen_correction=eigen_correction,
-          decay_schedule=decay_schedule, conv_scaling=conv_scaling),
+          decay_schedule=decay_schedule, conv_scaling=conv_scaling,
+          weight_sharing=weight_sharing),
       learning_rate, weight_decay, mask, where=where), loss_scale, where)
 
 

@@ -426,6 +426,7 @@ class Options:
   conv_scaling: str
   dense_damping: str
   spread_inverses: str | None = None
+  weight_sharing: str = 'expand'
 
 
 def average_weight(opts: Options, count) -> jax.Array:
@@ -455,6 +456,8 @@ def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
                                 st.a.shape[k])
   rows = _stats.kronecker_rows(st, opts.loss_reduction,
                                with_bias=layout.bias is not None)
+  if opts.weight_sharing == 'reduce':
+    rows = _stats.reduce_rows(rows, st.a.shape[st.meta.stack_ndim + 1])
   return rows._replace(a=rows.a.astype(dtype), g=rows.g.astype(dtype))
 
 
@@ -921,6 +924,7 @@ def scale_by_kronecker(
     conv_scaling: str = 'per_example',
     dense_damping: str = 'beta',
     spread_inverses: str | None = None,
+    weight_sharing: str = 'expand',
 ) -> optax.GradientTransformationExtraArgs:
   """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
   eigenvalue-corrected forms (``eigen_correction=True``)."""
@@ -933,6 +937,7 @@ def scale_by_kronecker(
                 momentum_style=momentum_style, loss_reduction=loss_reduction,
                 inverse_method=inverse_method, decay_schedule=decay_schedule,
                 conv_scaling=conv_scaling, dense_damping=dense_damping,
+                weight_sharing=weight_sharing,
                 axes={'axis_name': axis_name,
                       'spread_inverses': spread_inverses})
   _base.check_hyperparams(
@@ -944,7 +949,7 @@ def scale_by_kronecker(
                  inverse_every, block_size, damping_mode, momentum_style,
                  loss_reduction, inverse_method, fallback_b2, fallback_eps,
                  axis_name, eigen_correction, decay_schedule, conv_scaling,
-                 dense_damping, spread_inverses)
+                 dense_damping, spread_inverses, weight_sharing)
   # The user's description of their layers, not state: init uses it for
   # the layers each params tree has.
   template = None if layers is None else {
@@ -980,6 +985,7 @@ def check_options(where: str, *, stats_every, inverse_every, block_size,
       'conv_scaling': ('per_example', 'per_position'),
       'dense_damping': ('beta', 'fixed'),
       'conv_damping': ('normal', 'adaptive'),
+      'weight_sharing': ('expand', 'reduce'),
   }
   _base.check_options(
       where, periods={'stats_every': stats_every,

@@ -342,6 +342,36 @@ class KroneckerRows(NamedTuple):
   calls: int = 1
 
 
+def reduce_rows(rows: KroneckerRows, batch: int) -> KroneckerRows:
+  """K-FAC-reduce's rows: one per example, its shared rows reduced.
+
+  Eschenhagen et al. (NeurIPS 2023, Eq. 12-13): where a layer shares its
+  weights over ``R`` rows of one example (a conv's output positions, a
+  dense layer's tokens, the calls of a layer applied several times), the
+  reduce flavour takes ``a_n = mean_r a_{n,r}`` and ``g_n = sum_r g_{n,r}``
+  before the outer products, so ``A = mean_n a_n a_n^T`` and
+  ``G = mean_n g_n g_n^T`` are ``R`` times cheaper than expand's and exact
+  when ``g_{n,r}`` does not depend on ``r`` (the reduce setting: the loss
+  sees a mean over the shared rows). Every statistic built from rows then
+  reads with one row per example (``positions = 1``): TKFAC's
+  ``delta = mean_n |a_n|^2 |g_n|^2`` is the trace of the reduce Fisher
+  ``mean_n (a_n a_n^T) (x) (g_n g_n^T)``, and EKFAC's scaling the second
+  moment of ``g_n a_n^T`` in the eigenbasis. The bias column stays ones.
+
+  Args:
+    rows: the expand rows, ordered (call, example, position).
+    batch: examples per call.
+
+  Returns:
+    Rows ``(*lead, batch, d)``.
+  """
+  def split(x):
+    return x.reshape(x.shape[:-2] + (rows.calls, batch, -1, x.shape[-1]))
+  a = jnp.mean(split(rows.a), axis=(-4, -2))
+  g = jnp.sum(split(rows.g), axis=(-4, -2))
+  return KroneckerRows(a, g, 1, 1)
+
+
 def conv_patches(x, meta: _base.LayerMeta):
   """Input patches in the HWIO kernel's feature order.
 

@@ -108,6 +108,7 @@ def scale_by_tkfac(
     conv_damping: str = 'normal',
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
+    weight_sharing: str = 'expand',
     dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC preconditioning; see :func:`fisher_optax.tkfac`.
@@ -141,7 +142,8 @@ def scale_by_tkfac(
       fallback_eps=fallback_eps, axis_name=axis_name,
       spread_inverses=spread_inverses,
       eigen_correction=eigen_correction, decay_schedule=decay_schedule,
-      conv_scaling=conv_scaling, dense_damping=dense_damping)
+      conv_scaling=conv_scaling, dense_damping=dense_damping,
+      weight_sharing=weight_sharing)
 
 
 def tkfac(
@@ -169,6 +171,7 @@ def tkfac(
     decay_schedule: str = 'constant',
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
+    weight_sharing: str = 'expand',
     dense_damping: str = 'beta',
     loss_scale: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -251,6 +254,13 @@ def tkfac(
       :func:`fisher_optax.kfac`.
     l2_in_damping: add ``weight_decay`` to ``damping``.
     conv_scaling: TEKFAC on convolutions, see :func:`fisher_optax.ekfac`.
+    weight_sharing: ``'expand'`` (default) or ``'reduce'``, for layers that
+      share their weights within an example (a conv's output positions, a
+      dense layer's tokens, repeated calls): their rows are extra examples
+      (K-FAC-expand), or are averaged (inputs) and summed (output
+      cotangents) per example before the outer products (K-FAC-reduce,
+      Eschenhagen et al., 2023), which makes the statistics as many times
+      cheaper; see ``docs/kronecker.md``. Embeddings always expand.
     dense_damping: TEKFAC with ``conv_damping='adaptive'``: ``'beta'`` (the
       TEKFAC paper: layers other than convolutions are damped by ``beta``,
       the largest conv layer's adaptive damping) or ``'fixed'``
@@ -300,7 +310,8 @@ def tkfac(
           axis_name=axis_name, spread_inverses=spread_inverses,
           eigen_correction=eigen_correction,
           conv_damping=conv_damping, decay_schedule=decay_schedule,
-          conv_scaling=conv_scaling, dense_damping=dense_damping),
+          conv_scaling=conv_scaling, dense_damping=dense_damping,
+          weight_sharing=weight_sharing),
       learning_rate, weight_decay, mask, where=where), loss_scale, where)
 
 
