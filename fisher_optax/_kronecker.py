@@ -455,9 +455,8 @@ def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
     return _stats.KroneckerRows(ids, g, ids.shape[-1] // batch,
                                 st.a.shape[k])
   rows = _stats.kronecker_rows(st, opts.loss_reduction,
-                               with_bias=layout.bias is not None)
-  if opts.weight_sharing == 'reduce':
-    rows = _stats.reduce_rows(rows, st.a.shape[st.meta.stack_ndim + 1])
+                               with_bias=layout.bias is not None,
+                               weight_sharing=opts.weight_sharing)
   return rows._replace(a=rows.a.astype(dtype), g=rows.g.astype(dtype))
 
 

@@ -91,6 +91,60 @@ def _with_bias(meta, h_kernel, s_out, n_in, bias_h=1.0):
   return out
 
 
+def _window_sums(x, meta: _base.LayerMeta, per_row: bool):
+  """Sums over output positions of a conv's input patches, kernel layout.
+
+  The patches are linear in ``x``, so their sum over output positions is
+  the kernel gradient of a one-output convolution whose output cotangent
+  is all ones: no ``(rows * positions, patch)`` array is formed.
+
+  Args:
+    x: one stack element's inputs, shape ``(rows..., *spatial, C_in)``.
+    meta: the conv layer's metadata.
+    per_row: one sum per row (``(rows, *kernel_size, C_in)``), or one for
+      all rows (``(*kernel_size, C_in)``).
+
+  Returns:
+    ``(sums, positions)``: positions is the output positions per row.
+  """
+  cfg = dict(meta.config)
+  n = len(cfg['kernel_size'])
+  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  c_in = x.shape[-1]
+  if n > 3:
+    raise ValueError(f'{n}-D convolutions are not supported.')
+  spatial = 'DHW'[-n:]
+  dn = lax.conv_dimension_numbers(
+      x.shape, cfg['kernel_size'] + (c_in, 1),
+      ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C'))
+
+  def sums(rows):
+    def conv(w):
+      return lax.conv_general_dilated(
+          rows, w, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
+          cfg['rhs_dilation'], dn)
+    # The kernel takes x's dtype: a float64 input keeps a float64 sum. Made
+    # from x, it is device-varying like x under shard_map; an invariant one
+    # would have its cotangent summed over the devices (check_vma).
+    w = jnp.zeros_like(rows, shape=cfg['kernel_size'] + (c_in, 1))
+    out, vjp = jax.vjp(conv, w)
+    (total,) = vjp(jnp.ones_like(out))
+    return total[..., 0], math.prod(out.shape[1:-1])
+
+  if not per_row:
+    return sums(x)
+  positions = []  # static, filled while vmap traces sums once
+  def one(row):
+    total, count = sums(row[None])
+    positions.append(count)
+    return total
+  total = jax.vmap(one)(x)
+  return total, positions[0]
+
+
 def conv_patch_second_moment(x, meta: _base.LayerMeta):
   """Sum over rows and output positions of squared input patches.
 
@@ -103,35 +157,34 @@ def conv_patch_second_moment(x, meta: _base.LayerMeta):
     averaged over the ``G`` groups (the official AdaFisher pools patch rows
     across groups), and the number of (row, output position) pairs.
   """
-  cfg = dict(meta.config)
-  n = len(cfg['kernel_size'])
-  x = _f32(x).reshape((-1,) + x.shape[x.ndim - n - 1:])
-  if cfg['pre_pad'] is not None:
-    mode, pads = cfg['pre_pad']
-    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  x = _f32(x)
+  total, positions = _window_sums(x * x, meta, per_row=False)
+  rows = math.prod(x.shape[:x.ndim - len(meta.cfg('kernel_size')) - 1])
+  groups = meta.cfg('groups')
   c_in = x.shape[-1]
-  if n > 3:
-    raise ValueError(f'{n}-D convolutions are not supported.')
-  spatial = 'DHW'[-n:]
-  dn = lax.conv_dimension_numbers(
-      x.shape, cfg['kernel_size'] + (c_in, 1),
-      ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C'))
+  total = total.reshape(meta.cfg('kernel_size') + (groups, c_in // groups))
+  return jnp.mean(total, axis=-2), rows * positions
 
-  def conv(w):
-    return lax.conv_general_dilated(
-        x * x, w, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
-        cfg['rhs_dilation'], dn)
 
-  # The kernel takes x's dtype: a float64 input keeps a float64 sum. Made
-  # from x, it is device-varying like x under shard_map; an invariant one
-  # would have its cotangent summed over the devices (check_vma).
-  w = jnp.zeros_like(x, shape=cfg['kernel_size'] + (c_in, 1))
-  out, vjp = jax.vjp(conv, w)
-  (total,) = vjp(jnp.ones_like(out))
-  groups = cfg['groups']
-  total = total[..., 0].reshape(cfg['kernel_size'] + (groups, c_in // groups))
-  count = math.prod(out.shape[:-1])
-  return jnp.mean(total, axis=-2), count
+def conv_patch_means(x, meta: _base.LayerMeta):
+  """Each row's mean over output positions of its input patches.
+
+  Args:
+    x: one stack element's inputs, shape ``(rows..., *spatial, C_in)``.
+    meta: the conv layer's metadata.
+
+  Returns:
+    ``(groups, rows, prod(kernel_size) * C_in / groups)``, features ordered
+    like :func:`conv_patches` (like ``kernel.reshape(-1, C_out)`` of one
+    group).
+  """
+  total, positions = _window_sums(x, meta, per_row=True)
+  groups = meta.cfg('groups')
+  ks = meta.cfg('kernel_size')
+  c_in = x.shape[-1]
+  total = total.reshape((-1, math.prod(ks), groups, c_in // groups))
+  total = jnp.moveaxis(total, 2, 0)  # (groups, rows, taps, C_in/G)
+  return total.reshape(total.shape[:2] + (-1,)) / positions
 
 
 def _conv(st: _base.LayerStats, reference: bool):
@@ -408,7 +461,8 @@ def conv_patches(x, meta: _base.LayerMeta):
 
 
 def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
-                   with_bias: bool | None = None):
+                   with_bias: bool | None = None,
+                   weight_sharing: str = 'expand'):
   """:class:`KroneckerRows` of a dense or conv layer.
 
   Args:
@@ -418,6 +472,9 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
       to per-example cotangents; ``'sum'`` uses ``g`` as is.
     with_bias: append the ones column of the bias; default: when the layer
       has a bias (False for a frozen bias: the layer is then bias-less).
+    weight_sharing: ``'expand'`` or ``'reduce'`` (:func:`reduce_rows`; a
+      conv's position means then come from :func:`conv_patch_means`, with
+      no patches formed).
 
   Returns:
     The layer's :class:`KroneckerRows`.
@@ -433,10 +490,19 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
   scale = float(batch) if loss_reduction == 'mean' else 1.0
   if meta.kind == 'conv':
     groups = meta.cfg('groups')
-    a = jax.vmap(lambda x: conv_patches(_f32(x), meta))(
+    reduce = weight_sharing == 'reduce'
+    g = _f32(st.g)
+    if reduce:
+      # One row per (call, example): its patches' mean over positions and
+      # its cotangents' sum; the calls are reduced below.
+      patches = conv_patch_means
+      g = jnp.sum(g, axis=tuple(range(k + 2, g.ndim - 1)))
+    else:
+      patches = conv_patches
+    a = jax.vmap(lambda x: patches(_f32(x), meta))(
         st.a.reshape((-1,) + st.a.shape[k:]))
     a = a.reshape(stack + a.shape[1:])
-    g = _f32(st.g).reshape(stack + (-1, groups, kernel[-1] // groups))
+    g = g.reshape(stack + (-1, groups, kernel[-1] // groups))
     g = jnp.moveaxis(g, -2, -3)
   elif meta.kind == 'dense':
     in_axes = meta.cfg('in_axes')
@@ -452,5 +518,5 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
     raise ValueError(f'no Kronecker rows for layer kind {meta.kind!r}')
   if has_bias:
     a = jnp.concatenate([a, jnp.ones_like(a[..., :1])], -1)
-  rows = a.shape[-2]
-  return KroneckerRows(a, g * scale, rows // batch, st.a.shape[k])
+  rows = KroneckerRows(a, g * scale, a.shape[-2] // batch, st.a.shape[k])
+  return reduce_rows(rows, batch) if weight_sharing == 'reduce' else rows

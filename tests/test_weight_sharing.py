@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fisher_optax as fo
+from fisher_optax import _stats
 
 B, T = 4, 5  # examples, shared rows (tokens) per example
 
@@ -153,6 +154,30 @@ class ExplicitFormulaTest(parameterized.TestCase):
     for factory in (fo.kfac, fo.ekfac, fo.tkfac, fo.tekfac):
       with self.assertRaisesRegex(ValueError, 'weight_sharing'):
         factory(1e-3, weight_sharing='mean')
+
+
+class ConvPatchMeansTest(parameterized.TestCase):
+  """Reduce's conv inputs, computed without forming the patches."""
+
+  @parameterized.named_parameters(
+      ('same', dict(padding='SAME')),
+      ('strided_dilated', dict(padding='VALID', strides=2,
+                               kernel_dilation=(1, 2))),
+      ('groups', dict(padding='SAME', feature_group_count=2)),
+      ('circular', dict(padding='CIRCULAR')),
+  )
+  def test_equal_to_the_mean_of_the_patches(self, kw):
+    conv = nn.Conv(4, (3, 2), **kw)
+    x = jax.random.normal(jax.random.key(3), (2, 3, 6, 7, 4))  # (calls, B)
+    params = conv.init(jax.random.key(0), x[0])['params']
+    loss = lambda p: jnp.mean(sum(jnp.sum(jnp.sin(conv.apply(
+        {'params': p}, xi))) for xi in x))
+    _, _, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params)
+    meta, a = stats[''].meta, stats[''].a
+    patches = _stats.conv_patches(a, meta)  # (groups, rows * positions, d)
+    want = patches.reshape(patches.shape[0], 2 * 3, -1,
+                           patches.shape[-1]).mean(axis=2)
+    _assert_close(_f64(_stats.conv_patch_means(a, meta)), _f64(want))
 
 
 class _DeepLinear(nn.Module):
