@@ -3,10 +3,12 @@ r"""Step time of fisher_optax's K-FAC and TKFAC against Adam and kfac-jax.
 For an MLP (784-512-512-10) and the small CNN of ``examples/mnist.py``, both
 on random MNIST-shaped batches of 128, this times the jitted train step of
 
-* ``optax.adam`` on ``jax.value_and_grad`` (the baseline);
+* ``optax.adam`` on ``jax.value_and_grad`` (the baseline), and
+  ``optax.contrib.muon`` the same way;
 * ``fisher_optax.kfac`` and ``fisher_optax.tkfac`` on
   ``fisher_optax.linen.value_grad_and_stats`` (capture included), with full
-  factors and with ``block_size=128``;
+  factors and with ``block_size=128``, and on the CNN with
+  ``weight_sharing='reduce'`` (``reduce`` rows) beside the default expand;
 * DeepMind's kfac-jax (``kfac_jax.Optimizer``, if installed: ``pip install
   -e '.[kfac]'``) with fixed learning rate, momentum and damping (no
   adaptivity), ``num_burnin_steps=0``, ``multi_device=False``, its default
@@ -170,13 +172,24 @@ def make_runners(model_name: str, kfac_jax, blocked: bool
 
   tx, step = _common.make_adam_step(model, LEARNING_RATE, donate=True)
   runners = [_common.optax_runner('adam', None, tx, step, params, batch)]
+  muon = optax.contrib.muon(LEARNING_RATE)
+  runners.append(_common.optax_runner('muon', None, muon,
+                                      _common.make_gradient_step(
+                                          muon, _common.make_loss_fn(model),
+                                          True), params, batch))
+  # K-FAC-reduce changes only layers that share weights: the CNN's convs.
+  sharing = ('expand', 'reduce') if model_name == 'cnn' else ('expand',)
   for periods in PERIODS:
     for name, factory in (('kfac', fo.kfac), ('tkfac', fo.tkfac)):
       for block_size in (None, BLOCK_SIZE) if blocked else (None,):
-        label = f'fo.{name}' + ('' if block_size is None
-                                else f' b={block_size}')
-        runners.append(_fisher_runner(model, label, periods, factory,
-                                      params, batch, block_size=block_size))
+        for weight_sharing in sharing:
+          label = f'fo.{name}' + ('' if block_size is None
+                                  else f' b={block_size}') + (
+                                      ' reduce' if weight_sharing == 'reduce'
+                                      else '')
+          runners.append(_fisher_runner(
+              model, label, periods, factory, params, batch,
+              block_size=block_size, weight_sharing=weight_sharing))
     if kfac_jax is not None:
       for mode in KFAC_JAX_MODES:
         runners.append(_kfac_jax_runner(kfac_jax, model, mode, periods,
