@@ -31,15 +31,14 @@ def _spec(x: Any) -> jax.sharding.PartitionSpec:
 
 
 def _all_arrays(tree: Any) -> bool:
-  return all(isinstance(leaf, (jax.Array, jax.core.Tracer))
-             for leaf in jax.tree.leaves(tree))
+  return all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))
 
 
 def with_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   """``update_fn`` run with the mesh's Explicit axes made Auto.
 
-  Under a mesh with Explicit axes (``jax.make_mesh``'s default since JAX
-  0.7: sharding in types) every contraction over a sharded axis must state
+  Under a mesh with Explicit axes (``jax.make_mesh``'s default on current
+  JAX: sharding in types) every contraction over a sharded axis must state
   its output's sharding, and so must every reshape that merges a sharded
   axis with another: the statistics sum over the batch (which data
   parallelism shards), the convolution statistics fold output positions
