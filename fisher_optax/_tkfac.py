@@ -254,13 +254,8 @@ def tkfac(
       :func:`fisher_optax.kfac`.
     l2_in_damping: add ``weight_decay`` to ``damping``.
     conv_scaling: TEKFAC on convolutions, see :func:`fisher_optax.ekfac`.
-    weight_sharing: ``'expand'`` (default) or ``'reduce'``, for layers that
-      share their weights within an example (a conv's output positions, a
-      dense layer's tokens, repeated calls): their rows are extra examples
-      (K-FAC-expand), or are averaged (inputs) and summed (output
-      cotangents) per example before the outer products (K-FAC-reduce,
-      Eschenhagen et al., 2023), which makes the statistics as many times
-      cheaper; see ``docs/kronecker.md``. Embeddings always expand.
+    weight_sharing: ``'expand'`` or ``'reduce'``, see
+      :func:`fisher_optax.kfac`.
     dense_damping: TEKFAC with ``conv_damping='adaptive'``: ``'beta'`` (the
       TEKFAC paper: layers other than convolutions are damped by ``beta``,
       the largest conv layer's adaptive damping) or ``'fixed'``

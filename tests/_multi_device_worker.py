@@ -68,22 +68,10 @@ Y = jax.random.randint(jax.random.key(1), (64,), 0, 3)
 PARAMS = MODEL.init(jax.random.key(2), X)['params']
 
 
-def loss_fn(params, x, y):
-  logits = MODEL.apply({'params': params}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-STEP_FN = fo.linen.value_grad_and_stats(loss_fn)
+STEP_FN = _worker_common.capture(MODEL)
 MLP_MODEL = MLP()
 MLP_PARAMS = MLP_MODEL.init(jax.random.key(3), X)['params']
-
-
-def mlp_loss_fn(params, x, y):
-  logits = MLP_MODEL.apply({'params': params}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-MLP_STEP_FN = fo.linen.value_grad_and_stats(mlp_loss_fn)
+MLP_STEP_FN = _worker_common.capture(MLP_MODEL)
 
 
 make = _worker_common.make
@@ -91,13 +79,8 @@ step = functools.partial(_worker_common.step, step_fn=STEP_FN)
 
 
 def train(tx, fn, params, state, x, y):
-  # Each step waits for the one before. XLA's CPU client runs the forced
-  # devices' programs on one thread pool, and a device waiting in a
-  # collective holds its thread: a program queued behind unfinished work
-  # on some device (this step's, or another run's) could then never start.
-  for _ in range(STEPS):
-    params, state = jax.block_until_ready(fn(params, state, x, y))
-  return params, state
+  del tx
+  return _worker_common.train(fn, params, state, x, y, STEPS)
 
 
 def single(name):

@@ -85,22 +85,12 @@ Y = np.asarray(jax.random.randint(jax.random.key(1), (BATCH,), 0, 4))
 PARAMS = jax.tree.map(np.asarray, MODEL.init(jax.random.key(2), X)['params'])
 
 
-def loss_fn(params, x, y):
-  logits = MODEL.apply({'params': params}, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-STEP_FN = fo.linen.value_grad_and_stats(loss_fn)
-
-
+STEP_FN = _worker_common.capture(MODEL)
 make = _worker_common.make
 step = functools.partial(_worker_common.step, step_fn=STEP_FN)
 
 
-def train(fn, params, state, x, y, steps):
-  for _ in range(steps):
-    params, state = jax.block_until_ready(fn(params, state, x, y))
-  return params, state
+train = _worker_common.train
 
 
 def local_rows(a):

@@ -10,6 +10,14 @@ import optax
 import fisher_optax as fo
 
 
+def capture(model):
+  """The capturing step of ``model`` under a mean softmax cross-entropy."""
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return fo.linen.value_grad_and_stats(loss_fn)
+
+
 def make(name, **kwargs):
   """The optimizer ``name`` with periods of 2.
 
@@ -41,3 +49,16 @@ def step(tx, params, state, x, y, grad_scale=None, axis=None, *, step_fn):
     grads = jax.tree.map(lambda g: g * grad_scale, grads)
   updates, state = tx.update(grads, state, params, layer_stats=stats)
   return optax.apply_updates(params, updates), state
+
+
+def train(fn, params, state, x, y, steps):
+  """``steps`` calls of ``fn``, each waiting for the one before.
+
+  XLA's CPU client runs forced devices' programs on one thread pool, and a
+  device waiting in a collective holds its thread: a program queued behind
+  unfinished work on some device (this step's, or another run's) could
+  then never start.
+  """
+  for _ in range(steps):
+    params, state = jax.block_until_ready(fn(params, state, x, y))
+  return params, state
