@@ -22,8 +22,12 @@ def make(name, **kwargs):
   """The optimizer ``name`` with periods of 2.
 
   Five steps then include statistics and inverse refreshes and the steps
-  between them. ``'adafisher_reference'`` is AdaFisher's official-code mode.
+  between them. ``'adafisher_reference'`` is AdaFisher's official-code mode,
+  ``'kfac_reduce'`` K-FAC with ``weight_sharing='reduce'``.
   """
+  if name == 'kfac_reduce':
+    return fo.kfac(0.05, damping=0.1, inverse_every=2,
+                   weight_sharing='reduce', **kwargs)
   if name == 'adafisher_reference':
     return fo.adafisher(1e-2, damping=1e-3, mode='reference', stats_every=2,
                         **kwargs)

@@ -183,6 +183,9 @@ class ExplicitMeshTest(_WorkerTest):
     for name in ('adafisher', 'kfac'):
       with self.subTest('shard_map on an Explicit mesh', optimizer=name):
         self.assert_same_params('explicit_shard_map', name)
+    for mode in ('jit', 'explicit_fsdp'):
+      with self.subTest(f'weight_sharing=reduce, {mode}'):
+        self.assert_same_params(mode, 'kfac_reduce')
 
 
 class AxisArgumentTest(parameterized.TestCase):
