@@ -490,9 +490,8 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
   scale = float(batch) if loss_reduction == 'mean' else 1.0
   if meta.kind == 'conv':
     groups = meta.cfg('groups')
-    reduce = weight_sharing == 'reduce'
     g = _f32(st.g)
-    if reduce:
+    if weight_sharing == 'reduce':
       # One row per (call, example): its patches' mean over positions and
       # its cotangents' sum; the calls are reduced below.
       patches = conv_patch_means
