@@ -27,7 +27,6 @@ OPTIMIZERS is a comma-separated list. GROUP is one of:
   replicated batch (host arrays straight into ``jit``, or
   ``jax.make_array_from_process_local_data`` with ``P()``); JAX runs both,
   and ``fo.assert_replicated`` must name what differs across the processes.
-* ``timing``: seconds per step of ``jit`` data parallel, after warm-up.
 
 The last line a process prints is ``WORKER OK`` when it finished.
 """
@@ -36,7 +35,6 @@ import functools
 import os
 import pathlib
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -45,7 +43,6 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'examples' / 'multi_process'))
@@ -129,12 +126,12 @@ def replicated(mesh, tree):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def data_parallel(mesh, name, **kwargs):
+def data_parallel(mesh, name, steps=STEPS, **kwargs):
   tx = make(name, **kwargs)
   x, y = global_batch(mesh)
   return train(jax.jit(functools.partial(step, tx)),
                replicated(mesh, PARAMS), replicated(mesh, tx.init(PARAMS)),
-               x, y, STEPS)
+               x, y, steps)
 
 
 def spread_jit(mesh, name):
@@ -273,7 +270,7 @@ def divergent(mesh, name, arrays):
     except ValueError as e:
       arrays[f'facts/divergent_error/{how}'] = np.array(str(e))
   # The correct feed passes the same check.
-  params, state = data_parallel_one_step(mesh, tx)
+  params, state = data_parallel(mesh, name, steps=1)
   fo.assert_replicated({'params': params, 'opt_state': state})
   # Within a process: copies on its two devices that differ.
   local = Mesh(np.array(jax.local_devices()), ('data',))
@@ -286,24 +283,6 @@ def divergent(mesh, name, arrays):
     arrays['facts/local_divergent_error'] = np.array('none')
   except ValueError as e:
     arrays['facts/local_divergent_error'] = np.array(str(e))
-
-
-def data_parallel_one_step(mesh, tx):
-  x, y = global_batch(mesh)
-  return jax.block_until_ready(jax.jit(functools.partial(step, tx))(
-      replicated(mesh, PARAMS), replicated(mesh, tx.init(PARAMS)), x, y))
-
-
-def timing(mesh, name, arrays, steps=20):
-  """Seconds per jitted data-parallel step, after two warm-up steps."""
-  tx = optax.adam(1e-3) if name == 'adam' else make(name)
-  fn = jax.jit(functools.partial(step, tx), donate_argnums=(0, 1))
-  x, y = global_batch(mesh)
-  params, state = replicated(mesh, PARAMS), replicated(mesh, tx.init(PARAMS))
-  params, state = train(fn, params, state, x, y, 2)
-  start = time.perf_counter()
-  params, state = train(fn, params, state, x, y, steps)
-  arrays[f'timing/{name}'] = np.array((time.perf_counter() - start) / steps)
 
 
 def add(arrays, prefix, tree):
@@ -332,8 +311,6 @@ def main(group, out_dir, names):
       die(mesh, name)
     elif group == 'divergent':
       divergent(mesh, name, arrays)
-    elif group == 'timing':
-      timing(mesh, name, arrays)
     else:
       raise ValueError(f'unknown group {group!r}')
     print(f'process {jax.process_index()}: {name} done', flush=True)
