@@ -689,11 +689,30 @@ def _check_layouts(algorithm: Algorithm, opts: Options, updates, layer_stats,
           'grouped or multi-output layers cannot be inferred from params). '
           f'Build the optimizer with {hint}.')
     layouts[key] = layout
-  # A layer with state but no statistics this step (a kernel init found
-  # that no registered layer owns) gets the fallback, as fo.coverage says;
-  # whether it was captured on earlier steps is not known to a pure
-  # function of this step's inputs and the state.
   return layouts, norms
+
+
+def _uncaptured_layouts(template, updates, layer_stats, state, layouts):
+  """Layers with curvature state that this step did not capture.
+
+  Either ``init`` found a kernel that no registered layer owns (it never
+  has statistics and gets the fallback, as ``fo.coverage`` says), or a
+  layer captured on earlier steps is missing from this one: it keeps its
+  cached inverses rather than jumping to another preconditioner.
+  """
+  return {key: layout for key, layout in init_layouts(
+      template, updates).items() if key in state.stats
+          and key not in layouts and key not in layer_stats}
+
+
+def _has_inverses(precond: Mapping[str, jax.Array]) -> jax.Array:
+  """Whether a layer's inverses or eigenbases were ever computed.
+
+  Both are nonzero once set (a damped inverse has a positive diagonal, an
+  eigenbasis is orthogonal); ``init`` leaves them zero.
+  """
+  out = precond['out_inv' if 'out_inv' in precond else 'out_vecs']
+  return jnp.any(out != 0)
 
 
 def init_layouts(template, params) -> dict[str, Layout]:
@@ -851,7 +870,7 @@ def heavy_ball(opts: Options, directions, mu):
 
 
 def kronecker_update(algorithm: Algorithm, opts: Options, updates,
-                     state: KroneckerState, layer_stats):
+                     state: KroneckerState, layer_stats, template=None):
   """One step: statistics, inverses, preconditioning, momentum.
 
   Args:
@@ -860,6 +879,7 @@ def kronecker_update(algorithm: Algorithm, opts: Options, updates,
     updates: the gradients.
     state: the state from ``init`` or the previous step.
     layer_stats: this step's captured statistics.
+    template: the ``layers=`` metadata ``init`` used, or None.
 
   Returns:
     ``(updates, state)``.
@@ -885,11 +905,24 @@ def kronecker_update(algorithm: Algorithm, opts: Options, updates,
   # Preconditioning of the gradient (or of Adam-style momentum).
   source, mu = first_moment(opts, grads, treedef.flatten_up_to(state.mu),
                             optax.safe_increment(state.count))
-  done = precondition_layers(
-      opts, layouts, precond,
-      eigen_damping(algorithm, opts, layouts, precond), source, index)
+  uncaptured = _uncaptured_layouts(template, updates, layer_stats, state,
+                                   layouts)
+  damping = eigen_damping(algorithm, opts, {**layouts, **uncaptured},
+                          precond)
+  done = precondition_layers(opts, layouts, precond, damping, source, index)
+  old_nu = list(nu)
   directions, nu = other_directions(opts, paths, source, done, nu,
                                     set(norm_nu), state.count)
+  # Uncaptured layers: their cached inverses once they have any (their
+  # statistics and inverses are not refreshed), else the fallback.
+  kept = precondition_layers(opts, uncaptured, precond, damping, source,
+                             index)
+  has = {i: _has_inverses(precond[key]) for key, layout in uncaptured.items()
+         for i in (index[_base.join_path(key, name)]
+                   for name in (layout.kernel, layout.bias) if name)}
+  for i, u in kept.items():
+    directions[i] = jnp.where(has[i], u, directions[i])
+    nu[i] = jnp.where(has[i], old_nu[i], nu[i])
 
   # Momentum and step.
   out, mu = heavy_ball(opts, directions, mu)
@@ -962,7 +995,8 @@ def scale_by_kronecker(
   def update_fn(updates, state, params=None, *, layer_stats=None,
                 **extra_args):
     del params, extra_args
-    return kronecker_update(algorithm, opts, updates, state, layer_stats)
+    return kronecker_update(algorithm, opts, updates, state, layer_stats,
+                            template)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

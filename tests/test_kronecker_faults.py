@@ -2,6 +2,7 @@
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 from flax import nnx
 import flax.linen as nn
 import jax
@@ -338,6 +339,49 @@ class FrozenTest(parameterized.TestCase):
       np.testing.assert_allclose(updates['Dense_1'][name], want, rtol=1e-5,
                                  atol=1e-6)
     self.assertIn('fallback: adam', str(fo.coverage(params, stats)))
+
+  @parameterized.parameters(*[m[0] for m in _METHODS])
+  def test_layer_missing_later_keeps_its_inverses(self, method):
+    """Captured on step 0, missing on step 1: cached inverses, no refresh.
+
+    The reference refreshes on even steps only and sees Dense_1 on both:
+    on step 1 it preconditions Dense_1 with the inverses of step 0, which
+    the run without Dense_1's statistics must reproduce (not the Adam
+    fallback, which the run took before).
+    """
+    kw = dict(next(m for m in _METHODS if m[0] == method)[2])
+    inner = {'kfac': fo.scale_by_kfac, 'kfac_eigen': fo.scale_by_kfac,
+             'tkfac': fo.scale_by_tkfac, 'tkfac_eigen': fo.scale_by_tkfac,
+             'ekfac': fo.scale_by_ekfac, 'tekfac': fo.scale_by_tekfac}[method]
+    step_fn, params = _three()
+    step_fn = jax.jit(step_fn)
+
+    def run(drop, every):
+      tx = inner(damping=0.1, stats_every=every, inverse_every=every, **kw)
+      update = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))
+      p, state, history = params, tx.init(params), []
+      for step in range(2):
+        _, grads, stats = step_fn(p)
+        if step == 1 and drop:
+          stats = {k: v for k, v in stats.items() if k != 'Dense_1'}
+        updates, state = update(grads, state, stats)
+        history.append((updates, state))
+        p = optax.apply_updates(p, updates)
+      return history
+
+    got, want = run(True, 1), run(False, 2)
+    (_, before), (updates, after) = got
+    for name in ('kernel', 'bias'):
+      w = np.asarray(want[1][0]['Dense_1'][name])
+      np.testing.assert_allclose(updates['Dense_1'][name], w, rtol=1e-4,
+                                 atol=1e-5 * float(np.max(np.abs(w))),
+                                 err_msg=name)
+    # Dense_1 kept its statistics and inverses; Dense_0 refreshed both.
+    for part in ('stats', 'precond'):
+      old, new = getattr(before, part), getattr(after, part)
+      chex.assert_trees_all_equal(old['Dense_1'], new['Dense_1'])
+      with self.assertRaises(AssertionError):
+        chex.assert_trees_all_equal(old['Dense_0'], new['Dense_0'])
 
 
 class ForeignInputTest(parameterized.TestCase):
