@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fisher_optax import _base
 
@@ -91,12 +92,31 @@ def _with_bias(meta, h_kernel, s_out, n_in, bias_h=1.0):
   return out
 
 
+def _taps(size: int, k: int, stride: int, dilation: int, pads):
+  """Which input index each kernel tap reads, summed over output positions.
+
+  Returns:
+    ``(hits, positions)``: ``hits[i, t]`` is 1 where tap ``t`` reads
+    unpadded input index ``i`` at some output position (zero padding adds
+    nothing), and the number of output positions along the axis.
+  """
+  lo, hi = pads
+  positions = max((size + lo + hi - (k - 1) * dilation - 1) // stride + 1, 0)
+  offset = np.arange(size)[:, None] + lo - np.arange(k)[None, :] * dilation
+  hits = (offset >= 0) & (offset % stride == 0) & (
+      offset // stride < positions)
+  return hits, positions
+
+
 def _window_sums(x, meta: _base.LayerMeta, per_row: bool):
   """Sums over output positions of a conv's input patches, kernel layout.
 
-  The patches are linear in ``x``, so their sum over output positions is
-  the kernel gradient of a one-output convolution whose output cotangent
-  is all ones: no ``(rows * positions, patch)`` array is formed.
+  A patch entry is the input at one kernel tap, so its sum over output
+  positions is the input contracted, along each spatial axis, with a 0/1
+  matrix of the indices that tap reads: a few small contractions of the
+  input, no ``(rows * positions, patch)`` array. With input dilation the
+  sum is the kernel gradient of a one-output convolution whose output
+  cotangent is all ones.
 
   Args:
     x: one stack element's inputs, shape ``(rows..., *spatial, C_in)``.
@@ -109,13 +129,42 @@ def _window_sums(x, meta: _base.LayerMeta, per_row: bool):
   """
   cfg = dict(meta.config)
   n = len(cfg['kernel_size'])
+  if n > 3:
+    raise ValueError(f'{n}-D convolutions are not supported.')
   x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
   if cfg['pre_pad'] is not None:
     mode, pads = cfg['pre_pad']
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  if any(d != 1 for d in cfg['lhs_dilation']):
+    return _window_sums_by_vjp(x, cfg, per_row)
+  spatial = x.shape[1:-1]
+  dilated = [(k - 1) * d + 1 for k, d in zip(cfg['kernel_size'],
+                                              cfg['rhs_dilation'])]
+  pads = (lax.padtype_to_pads(spatial, dilated, cfg['strides'],
+                              cfg['padding'])
+          if isinstance(cfg['padding'], str) else cfg['padding'])
+  if not per_row:
+    x = jnp.sum(x, axis=0, keepdims=True)
+  positions = 1
+  letters = 'dhw'[-n:]
+  for axis in range(n):
+    hits, count = _taps(spatial[axis], cfg['kernel_size'][axis],
+                        cfg['strides'][axis], cfg['rhs_dilation'][axis],
+                        pads[axis])
+    positions *= count
+    # Axes already contracted hold taps (upper case) in the same slots.
+    before = letters[:axis].upper() + letters[axis:]
+    after = before[:axis] + before[axis].upper() + before[axis + 1:]
+    x = jnp.einsum(f'n{before}c,{letters[axis]}{after[axis]}->n{after}c', x,
+                   jnp.asarray(hits, x.dtype),
+                   precision=lax.Precision.HIGHEST)
+  return (x if per_row else x[0]), positions
+
+
+def _window_sums_by_vjp(x, cfg, per_row: bool):
+  """:func:`_window_sums` for input-dilated convs (x already pre-padded)."""
+  n = len(cfg['kernel_size'])
   c_in = x.shape[-1]
-  if n > 3:
-    raise ValueError(f'{n}-D convolutions are not supported.')
   spatial = 'DHW'[-n:]
   dn = lax.conv_dimension_numbers(
       x.shape, cfg['kernel_size'] + (c_in, 1),

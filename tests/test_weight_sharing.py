@@ -165,10 +165,19 @@ class ConvPatchMeansTest(parameterized.TestCase):
                                kernel_dilation=(1, 2))),
       ('groups', dict(padding='SAME', feature_group_count=2)),
       ('circular', dict(padding='CIRCULAR')),
+      ('explicit_uneven', dict(padding=((2, 0), (-1, 3)), strides=(2, 3))),
+      ('input_dilation', dict(padding=((1, 1), (0, 2)), input_dilation=2)),
+      ('one_d_causal', dict(padding='CAUSAL', kernel_size=(3,),
+                            kernel_dilation=2)),
+      ('three_d', dict(padding='SAME', kernel_size=(2, 3, 2), strides=2)),
   )
   def test_equal_to_the_mean_of_the_patches(self, kw):
-    conv = nn.Conv(4, (3, 2), **kw)
-    x = jax.random.normal(jax.random.key(3), (2, 3, 6, 7, 4))  # (calls, B)
+    kw = dict(kw)
+    ks = kw.pop('kernel_size', (3, 2))
+    conv = nn.Conv(4, ks, **kw)
+    spatial = (6, 7, 5)[:len(ks)] if len(ks) != 1 else (9,)
+    x = jax.random.normal(jax.random.key(3),
+                          (2, 3) + spatial + (4,))  # (calls, B, ...)
     params = conv.init(jax.random.key(0), x[0])['params']
     loss = lambda p: jnp.mean(sum(jnp.sum(jnp.sin(conv.apply(
         {'params': p}, xi))) for xi in x))
