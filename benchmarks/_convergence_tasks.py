@@ -74,7 +74,7 @@ class Task:
       batch)`` that registers its output distribution with kfac-jax, or
       None where kfac-jax is not run.
     lr_centre: the centre of each optimizer family's first learning-rate
-      grid on this task (``'adam'``, ``'sgd'``, ``'adafisher'``,
+      grid on this task (``'adam'``, ``'muon'``, ``'sgd'``, ``'adafisher'``,
       ``'kronecker'``, ``'mbf'``).
     quick: ``(lr, damping)`` per family that replace ``lr_centre`` and the
       default damping at the quick size.
@@ -186,7 +186,8 @@ def autoencoder(size: str, batch_size: int | None = None) -> Task:
       metric_name='test BCE (summed over pixels)',
       sampled_fisher='bernoulli',
       kfac_jax_loss=kfac_jax_loss,
-      lr_centre={'adam': 1e-3, 'sgd': 1e-3, 'adafisher': 1e-4,
+      lr_centre={'adam': 1e-3, 'muon': 1e-2,
+                 'sgd': 1e-3, 'adafisher': 1e-4,
                  'kronecker': 1e-3, 'mbf': 1e-4},
       # On the tiny autoencoder the Kronecker family with the empirical
       # Fisher needs a large damping to move in 20 steps.
@@ -232,7 +233,8 @@ def cnn(size: str, batch_size: int | None = None) -> Task:
                                                seed),
       evaluate=evaluate, metric='accuracy', metric_name='test accuracy',
       sampled_fisher='softmax', kfac_jax_loss=kfac_jax_loss,
-      lr_centre={'adam': 3e-3, 'sgd': 3e-2, 'adafisher': 1e-3,
+      lr_centre={'adam': 3e-3, 'muon': 1e-2,
+                 'sgd': 3e-2, 'adafisher': 1e-3,
                  'kronecker': 3e-3, 'mbf': 1e-3},
       quick={'kronecker': (3e-4, 1e-3)})
 
@@ -336,7 +338,8 @@ def transformer(size: str, batch_size: int | None = None) -> Task:
       batches=batches, evaluate=evaluate, metric='bits_per_char',
       metric_name='test bits per character', sampled_fisher='softmax',
       kfac_jax_loss=None,
-      lr_centre={'adam': 1e-3, 'sgd': 3e-2, 'adafisher': 3e-4,
+      lr_centre={'adam': 1e-3, 'muon': 1e-2,
+                 'sgd': 3e-2, 'adafisher': 3e-4,
                  'kronecker': 1e-3, 'mbf': 3e-4})
 
 
@@ -410,7 +413,8 @@ def regression(size: str, batch_size: int | None = None,
       batches=batches, evaluate=evaluate, metric='loss',
       metric_name='test mean squared error', sampled_fisher='gaussian',
       kfac_jax_loss=kfac_jax_loss,
-      lr_centre={'adam': 1e-3, 'sgd': 1e-2, 'adafisher': 1e-3,
+      lr_centre={'adam': 1e-3, 'muon': 1e-2,
+                 'sgd': 1e-2, 'adafisher': 1e-3,
                  'kronecker': 1e-2, 'mbf': 1e-3},
       quick={'kronecker': (1e-3, 1e-3)})
 
@@ -490,7 +494,8 @@ def resnet(size: str, batch_size: int | None = None) -> Task:
                                                seed),
       evaluate=evaluate, metric='accuracy', metric_name='test accuracy',
       sampled_fisher='softmax', kfac_jax_loss=None,
-      lr_centre={'adam': 3e-3, 'sgd': 3e-2, 'adafisher': 1e-3,
+      lr_centre={'adam': 3e-3, 'muon': 1e-2,
+                 'sgd': 3e-2, 'adafisher': 1e-3,
                  'kronecker': 3e-3, 'mbf': 1e-3},
       quick={'kronecker': (3e-4, 1e-3)})
 

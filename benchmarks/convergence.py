@@ -128,6 +128,9 @@ OPTIMIZERS = {
     'adam': Optimizer('adam', optax.adam, False),
     'adamw': Optimizer('adam', optax.adamw, False),
     'sgd_nesterov': Optimizer('sgd', _sgd_nesterov, False),
+    # The one-line use: one learning rate for the orthogonalised 2-D
+    # weights and for the Adam-updated rest (conv kernels, biases, norms).
+    'muon': Optimizer('muon', optax.contrib.muon, False),
     'adafisher': Optimizer('adafisher', fo.adafisher, True),
     'adafisherw': Optimizer('adafisher', fo.adafisherw, True),
     'kfac': Optimizer('kronecker', fo.kfac, True, True),
