@@ -758,6 +758,17 @@ def init_state(algorithm: Algorithm, opts: Options, layouts, params
       stats=stats, precond=precond, nonfinite=jnp.zeros([], jnp.int32))
 
 
+def _every(period: int, count, refresh, keep, operand):
+  """``refresh(operand)`` on steps ``count % period == 0``, else ``keep``.
+
+  A period of 1 refreshes on every step without ``lax.cond``, whose
+  operands and results XLA may copy (the whole curvature state).
+  """
+  if period == 1:
+    return refresh(operand)
+  return lax.cond(count % period == 0, refresh, keep, operand)
+
+
 def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
                       layer_stats, state, nu_paths):
   """Statistics, then inverses, each under ``lax.cond`` on its period.
@@ -783,15 +794,15 @@ def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
     unchanged = lambda args: (
         args[0], {k: v['scaling'] for k, v in args[1].items()}
         if opts.eigen_correction else {}, jnp.zeros([], jnp.int32))
-    new_stats, scaling, bad_stats = lax.cond(
-        count % opts.stats_every == 0,
+    new_stats, scaling, bad_stats = _every(
+        opts.stats_every, count,
         lambda args: refresh_statistics(algorithm, opts, layouts,
                                         layer_stats, *args, count),
         unchanged, (active, old_pre))
     if opts.eigen_correction:
       old_pre = {k: {**v, 'scaling': scaling[k]} for k, v in old_pre.items()}
-    new_pre, bad_inv = lax.cond(
-        count % opts.inverse_every == 0,
+    new_pre, bad_inv = _every(
+        opts.inverse_every, count,
         lambda args: refresh_inverses(algorithm, opts, layouts, layer_stats,
                                       *args),
         lambda args: (args[1], jnp.zeros([], jnp.int32)),
@@ -800,8 +811,8 @@ def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
     precond.update(new_pre)
     bad = bad + bad_stats + bad_inv
   if nu_paths:
-    nu_paths, bad_norm = lax.cond(
-        count % opts.stats_every == 0,
+    nu_paths, bad_norm = _every(
+        opts.stats_every, count,
         lambda nu: refresh_norm_diagonals(opts, norms, nu, count),
         lambda nu: (nu, jnp.zeros([], jnp.int32)), nu_paths)
     bad = bad + bad_norm
