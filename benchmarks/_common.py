@@ -143,6 +143,7 @@ class Runner:
   sync: Callable[[], None]
   state: Callable[[], Any]  # current opt_state (ours) or None
   setup_s: float = 0.0
+  compiled: Any = None  # the compiled step, where there is one
 
 
 def optax_runner(label, periods, tx, train_step, params, batch) -> Runner:
@@ -167,7 +168,8 @@ def optax_runner(label, periods, tx, train_step, params, batch) -> Runner:
     jax.block_until_ready((holder['params'], holder['opt_state'],
                            holder['out']))
 
-  runner = Runner(label, periods, run, sync, lambda: holder['opt_state'])
+  runner = Runner(label, periods, run, sync, lambda: holder['opt_state'],
+                  compiled=compiled)
   runner.setup_s = time.perf_counter() - start
   return runner
 
