@@ -198,6 +198,91 @@ class _DeepLinear(nn.Module):
     return nn.Dense(2)(jnp.mean(h, axis=1))
 
 
+class _Twice(nn.Module):
+  """One Dense applied twice, over tokens: calls and positions to reduce."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(4)
+    return dense(jnp.tanh(dense(x)))
+
+
+class _Cell(nn.Module):
+
+  @nn.compact
+  def __call__(self, h, x):
+    h = jnp.tanh(nn.Dense(4)(h) + x)
+    return h, h
+
+
+class _Recurrent(nn.Module):
+  """A recurrence over T steps (``nn.scan``, one set of weights)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_Cell, variable_broadcast='params',
+                   split_rngs={'params': False}, in_axes=1, out_axes=1)
+    _, hs = scan()(jnp.zeros(x.shape[:1] + (4,)), x)
+    return hs
+
+
+def _loop(kind, w, b, x, bumps):
+  """The model by hand, with ``bumps`` added to each call's output."""
+  if kind == 'twice':
+    z1 = x @ w + b + bumps[0]
+    return [x, jnp.tanh(z1)], jnp.tanh(z1) @ w + b + bumps[1]
+  h, inputs, outs = jnp.zeros(x.shape[:1] + (4,)), [], []
+  for t in range(x.shape[1]):
+    inputs.append(h)
+    h = jnp.tanh(h @ w + b + bumps[t] + x[:, t])
+    outs.append(h)
+  return inputs, jnp.stack(outs, 1)
+
+
+class SharedCallsTest(parameterized.TestCase):
+  """Reduce over the calls of a layer (applied twice, or in a recurrence).
+
+  The reference builds each call's inputs and output cotangents by hand
+  (the cotangents as gradients of zero perturbations of each call's
+  output), not from the capture: per example, ``abar`` averages the
+  bias-augmented inputs over calls and tokens, ``ghat`` sums the
+  per-example cotangents over them.
+  """
+
+  @parameterized.parameters('twice', 'scan')
+  def test_reduce_factors(self, kind):
+    model = _Twice() if kind == 'twice' else _Recurrent()
+    rng = np.random.default_rng(1)
+    width = 4
+    x = jnp.asarray(rng.normal(size=(B, T, width)) + 0.5, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(B, T, 4)), jnp.float32)
+    params = model.init(jax.random.key(0), x)['params']
+    loss = lambda p: jnp.mean(jnp.sum(
+        jnp.sin(model.apply({'params': p}, x) * t), axis=(1, 2)))
+    name = next(iter(params))
+    layer = params[name] if kind == 'twice' else params[name]['Dense_0']
+    w, b = layer['kernel'], layer['bias']
+    calls = 2 if kind == 'twice' else T
+    shape = (B, T, 4) if kind == 'twice' else (B, 4)
+    out_loss = lambda bumps: jnp.mean(jnp.sum(jnp.sin(
+        _loop(kind, w, b, x, bumps)[1] * t), axis=(1, 2)))
+    bumps = [jnp.zeros(shape)] * calls
+    inputs, out = _loop(kind, w, b, x, bumps)
+    np.testing.assert_allclose(out, model.apply({'params': params}, x),
+                               rtol=1e-5, atol=1e-6)
+    cot = jax.grad(out_loss)(bumps)
+    # (B, calls * rows, d): every call's rows of each example.
+    per = lambda xs: np.concatenate([_f64(v).reshape(B, -1, v.shape[-1])
+                                     for v in xs], 1)
+    a, e = per(inputs), per(cot) * B  # per-example: the loss is a mean
+    a = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], -1)
+    abar, ghat = a.mean(1), e.sum(1)
+    stats = _stats_after_one_step('kfac', params, loss, 'reduce')
+    got = stats[name] if kind == 'twice' else stats[f'{name}/Dense_0']
+    _assert_close(got['A'][0, 0], abar.T @ abar / B, rtol=1e-4)
+    _assert_close(got['G'][0, 0], ghat.T @ ghat / B, rtol=1e-4)
+
+
 class ReduceSettingTest(parameterized.TestCase):
   """For one example in the reduce setting, reduce's A (x) G is its Fisher."""
 
