@@ -692,7 +692,7 @@ def _check_layouts(algorithm: Algorithm, opts: Options, updates, layer_stats,
   return layouts, norms
 
 
-def _uncaptured_layouts(template, updates, layer_stats, state, layouts):
+def _uncaptured_layouts(template, updates, layer_stats, state):
   """Layers with curvature state that this step did not capture.
 
   Either ``init`` found a kernel that no registered layer owns (it never
@@ -701,8 +701,8 @@ def _uncaptured_layouts(template, updates, layer_stats, state, layouts):
   cached inverses rather than jumping to another preconditioner.
   """
   return {key: layout for key, layout in init_layouts(
-      template, updates).items() if key in state.stats
-          and key not in layouts and key not in layer_stats}
+      template, updates).items()
+          if key in state.stats and key not in layer_stats}
 
 
 def _has_inverses(precond: Mapping[str, jax.Array]) -> jax.Array:
@@ -771,7 +771,7 @@ def _every(period: int, count, refresh, keep, operand):
 
 def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
                       layer_stats, state, nu_paths):
-  """Statistics, then inverses, each under ``lax.cond`` on its period.
+  """Statistics, then inverses, each on its period (:func:`_every`).
 
   Args:
     algorithm: the method.
@@ -916,8 +916,7 @@ def kronecker_update(algorithm: Algorithm, opts: Options, updates,
   # Preconditioning of the gradient (or of Adam-style momentum).
   source, mu = first_moment(opts, grads, treedef.flatten_up_to(state.mu),
                             optax.safe_increment(state.count))
-  uncaptured = _uncaptured_layouts(template, updates, layer_stats, state,
-                                   layouts)
+  uncaptured = _uncaptured_layouts(template, updates, layer_stats, state)
   damping = eigen_damping(algorithm, opts, {**layouts, **uncaptured},
                           precond)
   done = precondition_layers(opts, layouts, precond, damping, source, index)
