@@ -33,6 +33,8 @@ from fisher_optax._adafisher import adafisher
 from fisher_optax._adafisher import adafisherw
 from fisher_optax._adafisher import scale_by_adafisher
 from fisher_optax._adafisher import ScaleByAdaFisherState
+from fisher_optax._adaptive import adaptive
+from fisher_optax._adaptive import AdaptiveState
 from fisher_optax._base import LayerMeta
 from fisher_optax._base import LayerStats
 from fisher_optax._kfac import ekfac
@@ -58,6 +60,7 @@ from fisher_optax.capture import nnx
 __version__ = '0.1.0'
 
 __all__ = (
+    'AdaptiveState',
     'Coverage',
     'KroneckerState',
     'LayerMeta',
@@ -66,6 +69,7 @@ __all__ = (
     'ScaleByMiniBlockFisherState',
     'adafisher',
     'adafisherw',
+    'adaptive',
     'assert_replicated',
     'coverage',
     'ekfac',

@@ -364,8 +364,9 @@ def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
 
 
 def _concrete(value: Any):
-  """``value`` as a NumPy array, or None if it is traced or a schedule."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+  """``value`` as a NumPy array, or None if it is traced, a schedule or
+  None (not set: the adaptive step's learning rate)."""
+  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
     return None
   try:
     return np.asarray(value)
@@ -546,6 +547,14 @@ def with_loss_scale(tx: optax.GradientTransformation, loss_scale: Any,
       extra_args['layer_stats'] = {
           k: LayerStats(v.a, scale(v.g), v.meta, v.extras)
           for k, v in stats.items()}
+    # The adaptive step's loss values (optax's line-search arguments).
+    if extra_args.get('value') is not None:
+      extra_args['value'] = scale(jnp.asarray(extra_args['value']))
+    for name in ('value_fn', 'outputs_loss'):
+      fn = extra_args.get(name)
+      if fn is not None:
+        extra_args[name] = lambda *a, fn=fn, **k: scale(
+            jnp.asarray(fn(*a, **k)))
     return optax.with_extra_args_support(tx).update(
         updates, state, params, **extra_args)
 

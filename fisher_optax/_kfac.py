@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fisher_optax import _adaptive
 from fisher_optax import _base
 from fisher_optax import _kronecker
 from fisher_optax import _linalg
@@ -125,7 +126,7 @@ def scale_by_kfac(
 
 
 def kfac(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
@@ -291,11 +292,11 @@ def kfac(
     Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for
     convolution layers <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
   """
-  if l2_in_damping:
+  if l2_in_damping and learning_rate is not None:
     damping = damping + weight_decay
   where = 'ekfac' if eigen_correction else 'kfac'
-  return _base.with_loss_scale(_base.with_l2(
-      scale_by_kfac(
+  return _base.with_loss_scale(_adaptive.fixed_or_adaptive(
+      lambda momentum: scale_by_kfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
           damping_mode=damping_mode, momentum_style=momentum_style,
@@ -305,7 +306,9 @@ def kfac(
           eigen_correction=eigen_correction,
           decay_schedule=decay_schedule, conv_scaling=conv_scaling,
           weight_sharing=weight_sharing),
-      learning_rate, weight_decay, mask, where=where), loss_scale, where)
+      learning_rate, momentum, damping, weight_decay, mask,
+      loss_reduction=loss_reduction, axis_name=axis_name, where=where),
+      loss_scale, where)
 
 
 scale_by_ekfac = functools.partial(scale_by_kfac, eigen_correction=True)

@@ -264,7 +264,7 @@ def _precond_shapes(layout: Layout, block_in, block_out, damping_mode,
   return out
 
 
-def _to_matrix(layout: Layout, kernel, bias):
+def to_matrix(layout: Layout, kernel, bias):
   """Kernel (and bias) gradients as ``(*lead, d_in, d_out)`` matrices."""
   k = layout.n_stack
   stack = layout.lead[:k]
@@ -642,7 +642,7 @@ def precondition_layers(opts: Options, layouts, precond, damping, source,
     if layout.kind == 'embed':
       w = kernel.reshape(layout.lead + (layout.d_in, layout.d_out))
     else:
-      w = _to_matrix(layout, kernel, None if ib is None else source[ib])
+      w = to_matrix(layout, kernel, None if ib is None else source[ib])
     w = precondition(layout, precond[key], w, opts.damping_mode,
                      eigen_damping=damping.get(key))
     if layout.kind == 'embed':
@@ -1003,10 +1003,14 @@ def scale_by_kronecker(
 
   @_sharding.with_auto_axes
   def update_fn(updates, state, params=None, *, layer_stats=None,
-                **extra_args):
+                damping=None, **extra_args):
+    # ``damping=``: this step's damping, from a caller that adapts it
+    # (``fisher_optax.adaptive``); inverses take it at their next refresh.
     del params, extra_args
-    return kronecker_update(algorithm, opts, updates, state, layer_stats,
-                            template)
+    step_opts = opts if damping is None else dataclasses.replace(
+        opts, damping=damping)
+    return kronecker_update(algorithm, step_opts, updates, state,
+                            layer_stats, template)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -38,6 +38,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from fisher_optax import _adaptive
 from fisher_optax import _base
 from fisher_optax import _linalg
 from fisher_optax import _mini_blocks
@@ -378,6 +379,7 @@ def scale_by_mini_block_fisher(
       axes={'axis_name': axis_name, 'spread_inverses': spread_inverses})
   _check_hyperparams(where, damping, fisher_decay, momentum, fallback_b2,
                      fallback_eps)
+  default_damping = damping
   square = 'gradient' if fallback == 'adam_gradient' else 'momentum'
 
   def layouts_for(tree):
@@ -404,8 +406,11 @@ def scale_by_mini_block_fisher(
 
   @_sharding.with_auto_axes
   def update_fn(updates, state, params=None, *, layer_stats=None,
-                **extra_args):
+                damping=None, **extra_args):
+    # ``damping=``: this step's damping, from a caller that adapts it
+    # (``fisher_optax.adaptive``); inverses take it at their next refresh.
     del params, extra_args
+    damping = default_damping if damping is None else damping
     _base.check_same_structure(where, 'updates', updates,
                                'the parameters init saw', state.momentum)
     layouts = layouts_for(updates)
@@ -446,7 +451,7 @@ def scale_by_mini_block_fisher(
 
 
 def mini_block_fisher(
-    learning_rate: optax.ScalarOrSchedule = 1e-5,
+    learning_rate: optax.ScalarOrSchedule | None = 1e-5,
     damping: jax.typing.ArrayLike = 1e-4,
     fisher_decay: jax.typing.ArrayLike = 0.9,
     momentum: jax.typing.ArrayLike = 0.9,
@@ -623,14 +628,19 @@ def mini_block_fisher(
                      fallback_eps)
   _base.check_hyperparams(where, nonnegative={'weight_decay': weight_decay},
                           finite={'learning_rate': learning_rate})
+  precondition = lambda momentum: scale_by_mini_block_fisher(
+      damping, fisher_decay, momentum, stats_every=stats_every,
+      inverse_every=inverse_every, block_size=block_size,
+      dense_blocks=dense_blocks, inverse_method=inverse_method,
+      fallback=fallback, fallback_b2=fallback_b2,
+      fallback_eps=fallback_eps, layers=layers, axis_name=axis_name,
+      spread_inverses=spread_inverses)
+  if learning_rate is None:
+    return _base.with_loss_scale(_adaptive.adaptive(
+        precondition(0.0), damping, weight_decay=weight_decay, mask=mask,
+        axis_name=axis_name), loss_scale, where)
   return _base.with_loss_scale(optax.chain(
-      scale_by_mini_block_fisher(
-          damping, fisher_decay, momentum, stats_every=stats_every,
-          inverse_every=inverse_every, block_size=block_size,
-          dense_blocks=dense_blocks, inverse_method=inverse_method,
-          fallback=fallback, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, layers=layers, axis_name=axis_name,
-          spread_inverses=spread_inverses),
+      precondition(momentum),
       _base.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   ), loss_scale, where)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fisher_optax import _adaptive
 from fisher_optax import _base
 from fisher_optax import _kfac
 from fisher_optax import _kronecker
@@ -147,7 +148,7 @@ def scale_by_tkfac(
 
 
 def tkfac(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     damping: jax.typing.ArrayLike = 1e-2,
     fisher_decay: jax.typing.ArrayLike = 0.95,
     momentum: jax.typing.ArrayLike = 0.9,
@@ -292,11 +293,11 @@ def tkfac(
     Kronecker-Factored Approximation to Natural Gradient
     <https://arxiv.org/abs/2011.10741>`_, AAAI 2021.
   """
-  if l2_in_damping:
+  if l2_in_damping and learning_rate is not None:
     damping = damping + weight_decay
   where = 'tekfac' if eigen_correction else 'tkfac'
-  return _base.with_loss_scale(_base.with_l2(
-      scale_by_tkfac(
+  return _base.with_loss_scale(_adaptive.fixed_or_adaptive(
+      lambda momentum: scale_by_tkfac(
           damping, fisher_decay, momentum, stats_every=stats_every,
           inverse_every=inverse_every, block_size=block_size,
           damping_mode=damping_mode, momentum_style=momentum_style,
@@ -307,7 +308,9 @@ def tkfac(
           conv_damping=conv_damping, decay_schedule=decay_schedule,
           conv_scaling=conv_scaling, dense_damping=dense_damping,
           weight_sharing=weight_sharing),
-      learning_rate, weight_decay, mask, where=where), loss_scale, where)
+      learning_rate, momentum, damping, weight_decay, mask,
+      loss_reduction=loss_reduction, axis_name=axis_name, where=where),
+      loss_scale, where)
 
 
 scale_by_tekfac = functools.partial(scale_by_tkfac, eigen_correction=True)

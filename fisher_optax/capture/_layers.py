@@ -245,11 +245,13 @@ def normalised_input(y, params: Mapping[str, Any], feature_axes):
   shape = [1] * y.ndim
   for ax in feature_axes:
     shape[ax] = y.shape[ax]
-  xhat = y.astype(jnp.float32)
+  # At least float32 (bfloat16 activations), float64 under x64.
+  dtype = jnp.promote_types(y.dtype, jnp.float32)
+  xhat = y.astype(dtype)
   if params.get('bias') is not None:
-    xhat = xhat - jnp.reshape(params['bias'], shape).astype(jnp.float32)
+    xhat = xhat - jnp.reshape(params['bias'], shape).astype(dtype)
   if params.get('scale') is not None:
-    scale = jnp.reshape(params['scale'], shape).astype(jnp.float32)
+    scale = jnp.reshape(params['scale'], shape).astype(dtype)
     safe = jnp.where(scale == 0, 1.0, scale)
     xhat = jnp.where(scale == 0, 0.0, xhat / safe)
   return xhat
