@@ -78,6 +78,10 @@ class Task:
       ``'kronecker'``, ``'mbf'``).
     quick: ``(lr, damping)`` per family that replace ``lr_centre`` and the
       default damping at the quick size.
+    outputs: ``outputs(params, *batch)``, the model's outputs, and
+    outputs_loss: ``outputs_loss(outputs, *batch)``, the loss of them
+      (``loss_fn`` is their composition): the Gauss-Newton curvature of
+      ``fo.adaptive`` needs the split.
   """
 
   name: str
@@ -95,6 +99,8 @@ class Task:
   lr_centre: dict[str, float]
   quick: dict[str, tuple[float, float]] = dataclasses.field(
       default_factory=dict)
+  outputs: Callable[..., Any] | None = None
+  outputs_loss: Callable[..., jax.Array] | None = None
 
 
 def _initialiser(model: nn.Module, example) -> Callable[[int], Any]:
@@ -151,8 +157,14 @@ def autoencoder(size: str, batch_size: int | None = None) -> Task:
   model = Autoencoder(widths)
   batch_size = batch_size or (256 if size == 'full' else 64)
 
+  def outputs(params, x):
+    return model.apply({'params': params}, x)
+
+  def outputs_loss(logits, x):
+    return _bce_sum(logits, x).mean()
+
   def loss_fn(params, x):
-    return _bce_sum(model.apply({'params': params}, x), x).mean()
+    return outputs_loss(outputs(params, x), x)
 
   @jax.jit
   def sums(params, x, y):
@@ -179,6 +191,7 @@ def autoencoder(size: str, batch_size: int | None = None) -> Task:
     return loss
 
   return Task(
+      outputs=outputs, outputs_loss=outputs_loss,
       name='autoencoder', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
       init=_initialiser(model, splits['train'][0][:1]),
@@ -204,8 +217,16 @@ def cnn(size: str, batch_size: int | None = None) -> Task:
   model = CNN()
   batch_size = batch_size or (128 if size == 'full' else 32)
 
+  def outputs(params, x, y):
+    del y
+    return model.apply({'params': params}, x)
+
+  def outputs_loss(logits, x, y):
+    del x
+    return _ce(logits, y).mean()
+
   def loss_fn(params, x, y):
-    return _ce(model.apply({'params': params}, x), y).mean()
+    return outputs_loss(outputs(params, x, y), x, y)
 
   @jax.jit
   def sums(params, x, y):
@@ -226,6 +247,7 @@ def cnn(size: str, batch_size: int | None = None) -> Task:
     return loss
 
   return Task(
+      outputs=outputs, outputs_loss=outputs_loss,
       name='cnn', model=model, loss_fn=loss_fn, batch_size=batch_size,
       loss_reduction='mean',
       init=_initialiser(model, splits['train'][0][:1]),
@@ -310,8 +332,16 @@ def transformer(size: str, batch_size: int | None = None) -> Task:
       0, len(ids) - context - 2, eval_windows).astype(np.int64))
           for split, ids in splits.items() if split != 'train'}
 
+  def outputs(params, x, y):
+    del y
+    return model.apply({'params': params}, x)
+
+  def outputs_loss(logits, x, y):
+    del x
+    return _ce(logits, y).mean()
+
   def loss_fn(params, x, y):
-    return _ce(model.apply({'params': params}, x), y).mean()
+    return outputs_loss(outputs(params, x, y), x, y)
 
   @jax.jit
   def sums(params, x, y):
@@ -332,6 +362,7 @@ def transformer(size: str, batch_size: int | None = None) -> Task:
   # kfac-jax 0.0.8's graph matcher fails on the attention layers
   # (a broadcasting error while tracing its tags): it is left out here.
   return Task(
+      outputs=outputs, outputs_loss=outputs_loss,
       name='transformer', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
       init=_initialiser(model, held['test'][0][:1]),
@@ -380,8 +411,16 @@ def regression(size: str, batch_size: int | None = None,
   model = MLP((128, 128) if size == 'full' else (32,))
   batch_size = batch_size or (256 if size == 'full' else 64)
 
+  def outputs(params, xb, yb):
+    del yb
+    return model.apply({'params': params}, xb)
+
+  def outputs_loss(pred, xb, yb):
+    del xb
+    return jnp.mean((pred - yb) ** 2)
+
   def loss_fn(params, xb, yb):
-    return jnp.mean((model.apply({'params': params}, xb) - yb) ** 2)
+    return outputs_loss(outputs(params, xb, yb), xb, yb)
 
   @jax.jit
   def sums(params, xb, yb):
@@ -407,6 +446,7 @@ def regression(size: str, batch_size: int | None = None,
     return loss
 
   return Task(
+      outputs=outputs, outputs_loss=outputs_loss,
       name='regression', model=model, loss_fn=loss_fn,
       batch_size=batch_size, loss_reduction='mean',
       init=_initialiser(model, x['train'][:1]),
@@ -471,8 +511,16 @@ def resnet(size: str, batch_size: int | None = None) -> Task:
     return model.apply({'params': params, 'batch_stats': stats}, x,
                        mutable=['batch_stats'])[0]
 
+  def outputs(params, x, y):
+    del y
+    return logits_of(params, x)
+
+  def outputs_loss(logits, x, y):
+    del x
+    return _ce(logits, y).mean()
+
   def loss_fn(params, x, y):
-    return _ce(logits_of(params, x), y).mean()
+    return outputs_loss(outputs(params, x, y), x, y)
 
   @jax.jit
   def sums(params, x, y):
@@ -488,6 +536,7 @@ def resnet(size: str, batch_size: int | None = None) -> Task:
     return model.init(jax.random.key(seed), splits['train'][0][:2])['params']
 
   return Task(
+      outputs=outputs, outputs_loss=outputs_loss,
       name='resnet', model=model, loss_fn=loss_fn, batch_size=batch_size,
       loss_reduction='mean', init=init,
       batches=lambda seed: _mnist_data.batches(*splits['train'], batch_size,

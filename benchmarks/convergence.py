@@ -65,6 +65,7 @@ Usage::
 import argparse
 from collections.abc import Callable
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -109,12 +110,16 @@ class Optimizer:
     curvature: whether it takes ``layer_stats`` and ``damping``.
     layers_hint: whether it takes ``layers=`` (the Kronecker family and
       MBF need it for attention layers).
+    adaptive: whether it chooses its own learning rate and damping
+      (``fo.adaptive``, kfac-jax's adaptive mode): run at its defaults, no
+      sweep, with ``value=`` and ``value_fn=`` in every update.
   """
 
   family: str
   factory: Callable[..., Any] | None
   curvature: bool
   layers_hint: bool = False
+  adaptive: bool = False
 
 
 def _sgd_nesterov(learning_rate):
@@ -139,9 +144,22 @@ OPTIMIZERS = {
     'tekfac': Optimizer('kronecker', fo.tekfac, True, True),
     'mbf': Optimizer('mbf', fo.mini_block_fisher, True, True),
     'kfac_jax': Optimizer('kronecker', None, True),
+    # No arguments: learning rate, momentum and damping from the quadratic
+    # model (fo.adaptive), no sweep.
+    'kfac_adaptive': Optimizer('kronecker', fo.kfac, True, True, True),
+    'ekfac_adaptive': Optimizer('kronecker', fo.ekfac, True, True, True),
+    'tkfac_adaptive': Optimizer('kronecker', fo.tkfac, True, True, True),
+    'tekfac_adaptive': Optimizer('kronecker', fo.tekfac, True, True, True),
+    'mbf_adaptive': Optimizer(
+        'mbf', functools.partial(fo.mini_block_fisher, None), True, True,
+        True),
+    # kfac-jax's adaptive mode as its MNIST examples configure it.
+    'kfac_jax_adaptive': Optimizer('kronecker', None, True, False, True),
 }
-# Spec keys that are not the factory's arguments.
-_RUN_KEYS = ('fisher', 'warmup', 'batch_size')
+# Spec keys that are not the factory's arguments. ``curvature=ggn`` gives
+# an adaptive optimizer the task's outputs_fn / outputs_loss (exact
+# Gauss-Newton products); the default is the captured statistics.
+_RUN_KEYS = ('fisher', 'warmup', 'batch_size', 'curvature')
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -172,15 +190,25 @@ def resolved_defaults(spec: str) -> dict[str, str]:
   changed one since) is stale and trained again.
   """
   name, settings = parse_spec(spec)
-  factory = OPTIMIZERS[name].factory
-  if factory is None:
+  opt = OPTIMIZERS[name]
+  if opt.factory is None:
     return {}
   skip = {'learning_rate', 'damping', 'layers', 'loss_reduction', 'mask',
           'axis_name'}
-  return {k: repr(p.default)
-          for k, p in inspect.signature(factory).parameters.items()
-          if k not in skip and k not in settings
-          and p.default is not inspect.Parameter.empty}
+  factories = [opt.factory]
+  if opt.adaptive:
+    # The initial damping is a default of the run, and so are the
+    # adaptive step's own.
+    skip.discard('damping')
+    factories.append(fo.adaptive)
+  out = {}
+  for factory in factories:
+    prefix = '' if factory is opt.factory else 'adaptive.'
+    out.update({prefix + k: repr(p.default)
+                for k, p in inspect.signature(factory).parameters.items()
+                if k not in skip and k not in settings
+                and p.default is not inspect.Parameter.empty})
+  return out
 
 
 def same_defaults(cached: dict[str, str], current: dict[str, str]) -> bool:
@@ -246,8 +274,11 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
       raise ValueError(f'{task.name} has no sampled Fisher.')
     fisher = task.sampled_fisher
   warmup = int(settings.get('warmup', 0))
-  if name == 'kfac_jax':
-    return _build_kfac_jax(task, kwargs, warmup)
+  if name in ('kfac_jax', 'kfac_jax_adaptive'):
+    return _build_kfac_jax(task, kwargs, warmup, opt.adaptive)
+  if opt.adaptive:
+    return _build_adaptive(task, opt, kwargs, fisher,
+                           settings.get('curvature', 'captured'))
   if opt.curvature:
     step_fn = fo.linen.value_grad_and_stats(task.loss_fn, fisher=fisher)
     if opt.layers_hint:
@@ -290,6 +321,40 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
   return Compiled(init, step)
 
 
+def _build_adaptive(task, opt, kwargs, fisher, curvature) -> Compiled:
+  """An optimizer that takes no learning rate, at its defaults."""
+  if curvature not in ('captured', 'ggn'):
+    raise ValueError(f'curvature={curvature!r}: captured or ggn')
+  step_fn = fo.linen.value_grad_and_stats(task.loss_fn, fisher=fisher)
+  batch = next(task.batches(0))
+  kwargs = dict(kwargs)
+  kwargs['layers'] = jax.eval_shape(
+      lambda p: step_fn(p, *batch, **_fisher_key(fisher, 0)),
+      task.init(0))[2]
+  if opt.family != 'mbf':
+    kwargs.setdefault('loss_reduction', task.loss_reduction)
+  tx = opt.factory(**kwargs)
+
+  def init(params, lr, damping):
+    del lr, damping
+    return tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, count, *batch):
+    loss, grads, stats = step_fn(params, *batch,
+                                 **_fisher_key(fisher, count))
+    extra = {}
+    if curvature == 'ggn':
+      extra = dict(outputs_fn=lambda p: task.outputs(p, *batch),
+                   outputs_loss=lambda z: task.outputs_loss(z, *batch))
+    updates, opt_state = tx.update(
+        grads, opt_state, params, layer_stats=stats, value=loss,
+        value_fn=lambda p: task.loss_fn(p, *batch), **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Compiled(init, step)
+
+
 def _fisher_key(fisher: str, count) -> dict[str, Any]:
   if fisher == 'empirical':
     return {}
@@ -300,7 +365,7 @@ class Skip(Exception):
   """An optimizer that cannot run a task here (said, then left out)."""
 
 
-def _build_kfac_jax(task, kwargs, warmup) -> Compiled:
+def _build_kfac_jax(task, kwargs, warmup, adaptive=False) -> Compiled:
   kfac_jax = _kfac_jax.import_kfac_jax()
   if kfac_jax is None:
     raise Skip("kfac_jax needs the kfac extra: pip install -e '.[kfac]'")
@@ -309,30 +374,45 @@ def _build_kfac_jax(task, kwargs, warmup) -> Compiled:
   if warmup:
     raise ValueError('kfac_jax runs take no warmup.')
   loss = task.kfac_jax_loss(kfac_jax)
+  if adaptive:
+    # kfac-jax's examples/{autoencoder,classifier}_mnist/pipeline.py, with
+    # no burn-in (it needs a data iterator) and no L2 (the other
+    # optimizers of the study have none).
+    config = dict(
+        use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+        use_adaptive_damping=True, damping_adaptation_interval=5,
+        damping_adaptation_decay=0.95, initial_damping=150.0,
+        min_damping=1e-5, max_damping=1000.0, inverse_update_period=5,
+        curvature_update_period=1)
+    config.update(kwargs)
+  else:
+    config = dict(
+        use_adaptive_learning_rate=False, use_adaptive_momentum=False,
+        use_adaptive_damping=False,
+        curvature_update_period=kwargs.get('stats_every', 1),
+        inverse_update_period=kwargs.get('inverse_every', 20))
   opt = kfac_jax.Optimizer(
-      value_and_grad_func=jax.value_and_grad(loss),
-      l2_reg=0.0, use_adaptive_learning_rate=False,
-      use_adaptive_momentum=False, use_adaptive_damping=False,
-      num_burnin_steps=0,
-      curvature_ema=kwargs.get('fisher_decay', 0.95),
-      curvature_update_period=kwargs.get('stats_every', 1),
-      inverse_update_period=kwargs.get('inverse_every', 20),
-      multi_device=False)
+      value_and_grad_func=jax.value_and_grad(loss), l2_reg=0.0,
+      num_burnin_steps=0, curvature_ema=kwargs.get('fisher_decay', 0.95),
+      multi_device=False, **config)
   rng = jax.random.key(0)
   momentum = jnp.asarray(kwargs.get('momentum', 0.9))
 
   def init(params, lr, damping):
     batch = next(task.batches(0))
     state = opt.init(jax.tree.map(jnp.array, params), rng, batch)
+    if adaptive:
+      return {'kfac': state}
     return {'kfac': state, 'lr': jnp.asarray(lr),
             'damping': jnp.asarray(damping)}
 
   def step(params, opt_state, count, *batch):
-    params, state, stats = opt.step(
-        jax.tree.map(jnp.array, params), opt_state['kfac'], rng,
-        batch=batch, global_step_int=count,
+    fixed = {} if adaptive else dict(
         learning_rate=opt_state['lr'], momentum=momentum,
         damping=opt_state['damping'])
+    params, state, stats = opt.step(
+        jax.tree.map(jnp.array, params), opt_state['kfac'], rng,
+        batch=batch, global_step_int=count, **fixed)
     return params, dict(opt_state, kfac=state), stats['loss']
 
   return Compiled(init, step)
@@ -490,7 +570,7 @@ class Study:
         batch_size=task.batch_size,
         date=time.strftime('%Y-%m-%d'))
     if self.verbose:
-      print(f'  {self.task.name} {spec} lr={lr:g} damping={damping} '
+      print(f'  {self.task.name} {spec} lr={lr} damping={damping} '
             f'seed={seed}: validation loss {score(record):.4g} '
             f'({record["steps_done"]} steps, '
             f'{time.perf_counter() - start:.0f} s)', flush=True)
@@ -521,6 +601,8 @@ class Study:
     """The best (lr, damping) of ``spec`` by the protocol of the docstring."""
     name, settings = parse_spec(spec)
     opt = OPTIMIZERS[name]
+    if opt.adaptive:
+      return None, None
     centre = self.task.lr_centre[opt.family]
     if not opt.curvature:
       return self.sweep_lr(spec, centre, None), None
@@ -687,6 +769,8 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
 def _first_setting(study, spec):
   """The sweep's first run: (lr, damping, seed), to check it can run."""
   opt = OPTIMIZERS[parse_spec(spec)[0]]
+  if opt.adaptive:
+    return None, None, 0
   return (lr_grid(study.task.lr_centre[opt.family])[0],
           DEFAULT_DAMPING if opt.curvature else None, 0)
 
@@ -707,6 +791,8 @@ def quick(optimizers: list[str], tasks: list[str]) -> list[str]:
       opt = OPTIMIZERS[name]
       lr, damping = study.task.quick.get(
           opt.family, (study.task.lr_centre[opt.family], DEFAULT_DAMPING))
+      if opt.adaptive:
+        lr, damping = None, None
       try:
         record = study.run(spec, lr, damping if opt.curvature else None, 0)
       except Skip as e:
@@ -748,9 +834,10 @@ def main(argv=None) -> int:
   parser.add_argument('--cache', default=os.path.join(RESULTS, 'cache'))
   args = parser.parse_args(argv)
 
-  names = [n for n in OPTIMIZERS if n != 'kfac_jax']
+  kfac_jax_names = ('kfac_jax', 'kfac_jax_adaptive')
+  names = [n for n in OPTIMIZERS if n not in kfac_jax_names]
   if _kfac_jax.import_kfac_jax() is not None:
-    names.append('kfac_jax')
+    names.extend(kfac_jax_names)
   optimizers = (args.optimizers.split(',') if args.optimizers else names)
   tasks = args.task.split(',')
   if args.quick:
@@ -792,7 +879,7 @@ def main(argv=None) -> int:
         continue
       lr, damping = first[:2] if args.fixed else study.tune(spec)
       study.seeds(spec, lr, damping, args.seeds)
-      print(f'{task_name} {spec}: best lr={lr:g} damping={damping}',
+      print(f'{task_name} {spec}: best lr={lr} damping={damping}',
             flush=True)
   return 0
 

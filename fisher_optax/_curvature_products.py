@@ -50,6 +50,8 @@ def _kron_scores(st: _base.LayerStats, layout, vectors, loss_reduction,
     picked = jax.vmap(lambda t, i: t[:, i], in_axes=(1, 0), out_axes=1)(
         tables, ids)
     per_row = jnp.sum(picked * g, -1)  # (K, stack, N)
+  elif layout.conv:
+    return _conv_scores(st, layout, vectors, scale, dtype)
   else:
     rows = _stats.kronecker_rows(st, loss_reduction,
                                  with_bias=layout.bias is not None)
@@ -66,6 +68,48 @@ def _kron_scores(st: _base.LayerStats, layout, vectors, loss_reduction,
   per_row = per_row.reshape((len(vectors), -1, calls, batch,
                              per_row.shape[-1] // (calls * batch)))
   return jnp.sum(per_row, axis=(1, 2, 4))
+
+
+def _conv_scores(st: _base.LayerStats, layout, vectors, scale, dtype):
+  """``s_n(v)`` of a conv layer: ``sum_positions <conv(x_n, V), g_n>``.
+
+  The layer's own convolution with the direction as its kernel gives the
+  output perturbation of each example without forming patches: one conv
+  forward per direction.
+  """
+  meta = st.meta
+  cfg = dict(meta.config)
+  k = meta.stack_ndim
+  n = len(cfg['kernel_size'])
+  calls, batch = st.a.shape[k], st.a.shape[k + 1]
+  x = st.a.astype(dtype).reshape((-1, calls * batch) + st.a.shape[k + 2:])
+  g = st.g.astype(dtype).reshape((x.shape[0], calls * batch) + st.g.shape[
+      k + 2:]) * scale
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0), (0, 0)) + tuple(pads) + ((0, 0),), mode=mode)
+  spatial = 'DHW'[-n:]
+  numbers = ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C')
+  kernel_shape = meta.param_shape(layout.kernel)[k:]
+
+  def one(x, kernel, g):
+    y = lax.conv_general_dilated(
+        x, kernel, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
+        cfg['rhs_dilation'], numbers, feature_group_count=cfg['groups'],
+        precision=lax.Precision.HIGHEST)
+    return jnp.sum(y * g, axis=tuple(range(1, y.ndim)))
+
+  out = []
+  for v in vectors:
+    kernel = v[layout.kernel].astype(dtype).reshape(
+        (x.shape[0],) + kernel_shape)
+    scores = jax.vmap(one)(x, kernel, g)  # (stack, calls * batch)
+    if layout.bias is not None:
+      bias = v[layout.bias].astype(dtype).reshape((x.shape[0], -1))
+      scores = scores + jnp.einsum(
+          'snpo,so->sn', g.reshape(g.shape[:2] + (-1, g.shape[-1])), bias)
+    out.append(jnp.sum(scores.reshape((-1, calls, batch)), axis=(0, 1)))
+  return jnp.stack(out)
 
 
 def _norm_scores(st: _base.LayerStats, vectors, loss_reduction, dtype):

@@ -50,6 +50,41 @@ class _Cnn(nn.Module):
     return nn.Dense(CLASSES)(h.reshape(h.shape[0], -1))
 
 
+class _ConvGeometry(nn.Module):
+  """One conv of the given geometry, applied ``calls`` times, then Dense."""
+
+  conv: dict
+  calls: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    conv = nn.Conv(4, **self.conv)
+    h = x
+    for _ in range(self.calls):  # weight sharing across calls
+      h = nn.tanh(conv(h))
+    return nn.Dense(CLASSES)(h.reshape(h.shape[0], -1))
+
+
+# Geometries the conv path must reproduce (the patches of K-FAC cover the
+# same list in test_kronecker): strides with explicit uneven padding,
+# kernel dilation, channel groups, 1-D causal, input dilation.
+_CONVS = {
+    'conv_padded': (dict(kernel_size=(3, 3), strides=(2, 1),
+                         padding=((1, 2), (0, 1))), (B, 7, 6, 4), 1),
+    'conv_dilated': (dict(kernel_size=(2, 3), kernel_dilation=(2, 1)),
+                     (B, 7, 6, 4), 1),
+    'conv_groups': (dict(kernel_size=(3, 3), feature_group_count=2),
+                    (B, 5, 5, 4), 1),
+    'conv_1d_causal': (dict(kernel_size=(3,), padding='CAUSAL'),
+                       (B, 9, 4), 1),
+    'conv_input_dilation': (dict(kernel_size=(2, 2), input_dilation=2,
+                                 padding=((1, 1), (0, 2))),
+                            (B, 4, 4, 4), 1),
+    'conv_twice': (dict(kernel_size=(3, 3), padding='SAME'), (B, 5, 5, 4),
+                   2),
+}
+
+
 class _EmbedNorm(nn.Module):
   """Embed, LayerNorm, Dense, and a bare temperature no layer owns."""
 
@@ -97,6 +132,11 @@ def _problem(name, seed=0) -> _Problem:
     owned = _dense_paths('Dense_0', 'Dense_1')
   elif name == 'cnn':
     model, x, y = _Cnn(), rng.normal(size=(B, 7, 7, 2)), labels(B)
+    losses = lambda p, x, y: _ce(apply(model)(p, x), y)
+    owned = _dense_paths('Conv_0', 'Dense_0')
+  elif name in _CONVS:
+    conv, shape, calls = _CONVS[name]
+    model, x, y = _ConvGeometry(conv, calls), rng.normal(size=shape), labels(B)
     losses = lambda p, x, y: _ce(apply(model)(p, x), y)
     owned = _dense_paths('Conv_0', 'Dense_0')
   elif name == 'embed':
@@ -192,7 +232,8 @@ class CapturedProductsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('mlp', 'mlp'), ('tokens', 'tokens'), ('cnn', 'cnn'),
-      ('embed_layernorm', 'embed'), ('sum_reduction', 'sum'))
+      ('embed_layernorm', 'embed'), ('sum_reduction', 'sum'),
+      *((name, name) for name in _CONVS))
   def test_equals_empirical_fisher(self, name):
     problem = _problem(name)
     vectors = _directions(problem.params)

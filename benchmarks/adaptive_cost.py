@@ -1,0 +1,126 @@
+r"""Step time of the adaptive step (``fo.adaptive``) against fixed K-FAC.
+
+On models of the convergence study (``_convergence_tasks.py``: the MNIST
+CNN, the ResNet with BatchNorm, the character Transformer) with their real
+batches, this times the jitted train step (capture included) of
+
+* ``optax.adam`` and ``optax.contrib.muon`` on ``jax.value_and_grad``;
+* ``fo.kfac`` with a fixed learning rate and damping;
+* ``fo.kfac()`` with no learning rate (the adaptive step), its quadratic
+  model from the captured statistics (``captured``) or from the exact
+  Gauss-Newton products (``ggn``: ``outputs_fn=``/``outputs_loss=``, one
+  ``jax.linearize`` of the model per step),
+
+each K-FAC at ``(stats_every, inverse_every)`` of ``(1, 20)`` and
+``(10, 100)``. The adaptive step evaluates the loss after the step every
+``adapt_every`` = 5 steps (a forward pass under ``lax.cond``).
+
+All steps run side by side in one process, interleaved
+(``_common.interleaved``): every repeat times one block of ``--block``
+contiguous steps of each optimizer in turn, order reversed on every other
+repeat. A block of 100 holds whole periods of every refresh, so its mean is
+the amortised time per step. ``overhead`` is the median over repeats of the
+per-repeat ratio of an adaptive step to the fixed K-FAC step with the same
+periods, minus one.
+
+Usage::
+
+  python benchmarks/adaptive_cost.py [--tasks cnn,resnet,transformer]
+      [--repeats 3] [--block 100]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import jax
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
+import _convergence_tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
+
+PERIODS = ((1, 20), (10, 100))
+LEARNING_RATE = 1e-4  # Irrelevant to timing; small to keep values finite.
+WARMUP = 10
+
+
+def _jit(step):
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
+  """Every optimizer on ``task``'s first batch, compiled and warmed up."""
+  batch = next(task.batches(0))
+  params = task.init(0)
+  step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
+  layers = jax.eval_shape(lambda p: step_fn(p, *batch), params)[2]
+  runners = []
+  for name, tx in (('adam', optax.adam(LEARNING_RATE)),
+                   ('muon', optax.contrib.muon(LEARNING_RATE))):
+    runners.append(_common.optax_runner(
+        name, None, tx, _common.make_gradient_step(tx, task.loss_fn, True),
+        params, batch))
+  for periods in PERIODS:
+    common = dict(stats_every=periods[0], inverse_every=periods[1],
+                  layers=layers, loss_reduction=task.loss_reduction)
+    for label, curvature, tx in (
+        ('kfac', None, fo.kfac(LEARNING_RATE, damping=1e-3, **common)),
+        ('kfac adaptive captured', 'captured', fo.kfac(**common)),
+        ('kfac adaptive ggn', 'ggn', fo.kfac(**common))):
+
+      def train_step(params, opt_state, *batch, tx=tx, curvature=curvature):
+        loss, grads, stats = step_fn(params, *batch)
+        extra = {}
+        if curvature is not None:
+          extra = dict(value=loss,
+                       value_fn=lambda p: task.loss_fn(p, *batch))
+        if curvature == 'ggn':
+          extra.update(
+              outputs_fn=lambda p: task.outputs(p, *batch),
+              outputs_loss=lambda z: task.outputs_loss(z, *batch))
+        updates, opt_state = tx.update(grads, opt_state, params,
+                                       layer_stats=stats, **extra)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+      runners.append(_common.optax_runner(label, periods, tx,
+                                          _jit(train_step), params, batch))
+  _common.warm_up(runners, WARMUP)
+  return runners
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--tasks', default='cnn,resnet,transformer')
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--block', type=int, default=100)
+  args = parser.parse_args(argv)
+  print(f'JAX {jax.__version__} on {jax.default_backend()} '
+        f'({platform.processor() or platform.machine()}, '
+        f'{os.cpu_count()} CPUs), XLA_FLAGS='
+        f'{os.environ.get("XLA_FLAGS", "")!r}; median of {args.repeats} '
+        f'repeats of {args.block}-step blocks\n')
+  for name in args.tasks.split(','):
+    task = tasks_lib.TASKS[name]('full')
+    runners = make_runners(task)
+    times = _common.interleaved(runners, args.repeats, args.block)
+    fixed = {r.periods: i for i, r in enumerate(runners) if r.label == 'kfac'}
+    rows = []
+    for r, t in zip(runners, times):
+      ratio = lambda ref: statistics.median(a / b for a, b in zip(t, ref))
+      over = ('' if r.periods is None or r.label == 'kfac' else
+              f'{100 * (ratio(times[fixed[r.periods]]) - 1):+.0f}%')
+      rows.append((r.label, '' if r.periods is None else str(r.periods),
+                   f'{1e3 * statistics.median(t):.1f}',
+                   f'{ratio(times[0]):.2f}', over))
+    print(f'### {name} (batch {task.batch_size})\n')
+    _common.print_table(('optimizer', '(stats, inverse)', 'ms/step',
+                         'ratio to adam', 'overhead vs kfac'), rows)
+    print()
+
+
+if __name__ == '__main__':
+  main()
