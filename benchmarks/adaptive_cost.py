@@ -110,7 +110,8 @@ def main(argv=None) -> None:
     fixed = {r.periods: i for i, r in enumerate(runners) if r.label == 'kfac'}
     rows = []
     for r, t in zip(runners, times):
-      ratio = lambda ref: statistics.median(a / b for a, b in zip(t, ref))
+      ratio = lambda ref, t=t: statistics.median(
+          a / b for a, b in zip(t, ref))
       over = ('' if r.periods is None or r.label == 'kfac' else
               f'{100 * (ratio(times[fixed[r.periods]]) - 1):+.0f}%')
       rows.append((r.label, '' if r.periods is None else str(r.periods),

@@ -348,14 +348,16 @@ def adaptive(
 
     # Martens & Grosse: this step's loss change on this batch.
     measured = adapt & valid
-    new_loss = lax.cond(
-        measured,
-        lambda: jnp.asarray(value_fn(optax.apply_updates(params, step)),
-                            dtype),
-        lambda: jnp.asarray(jnp.nan, dtype))
+    def loss_after():
+      loss = jnp.asarray(value_fn(optax.apply_updates(params, step)), dtype)
+      # Averaged inside the branch: both branches then agree across devices.
+      return loss if axis_name is None else lax.pmean(loss, axis_name)
+
+    new_loss = lax.cond(measured, loss_after,
+                        lambda: jnp.asarray(jnp.nan, dtype))
     old_loss = jnp.asarray(value, dtype)
     if axis_name is not None:
-      new_loss, old_loss = lax.pmean((new_loss, old_loss), axis_name)
+      old_loss = lax.pmean(old_loss, axis_name)
     rho = (new_loss - old_loss) / change
     # A step to a non-finite loss is not taken.
     taken = valid & ~(measured & ~jnp.isfinite(new_loss))

@@ -555,7 +555,11 @@ def mini_block_fisher(
   enough).
 
   Args:
-    learning_rate: :math:`\alpha`, a scalar or a schedule.
+    learning_rate: :math:`\alpha`, a scalar or a schedule; None: the
+      adaptive step, :func:`fisher_optax.adaptive` around the
+      preconditioner (``damping`` its initial value, ``momentum``
+      unused, ``weight_decay`` an L2 term), whose ``update`` also takes
+      ``value=`` and ``value_fn=`` (``docs/adaptive.md``).
     damping: :math:`\lambda`, added to every mini-block.
     fisher_decay: :math:`\rho`, decay of the block averages.
     momentum: :math:`\mu`, heavy-ball (no dampening).

@@ -219,7 +219,14 @@ def tkfac(
   :func:`fisher_optax.kfac`.
 
   Args:
-    learning_rate: :math:`\alpha`, a scalar or a schedule.
+    learning_rate: :math:`\alpha`, a scalar or a schedule; None (the
+      default): the adaptive step, :func:`fisher_optax.adaptive` around
+      the preconditioner, which chooses the learning rate, the momentum
+      and the damping every step (``damping`` is then its initial
+      value, ``momentum`` and ``l2_in_damping`` unused) and whose
+      ``update`` also takes ``value=`` and ``value_fn=``, and
+      preferably ``outputs_fn=`` and ``outputs_loss=``
+      (``docs/adaptive.md``).
     damping: :math:`\lambda`.
     fisher_decay: :math:`\epsilon`.
     momentum: :math:`\tau`.

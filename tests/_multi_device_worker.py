@@ -35,6 +35,9 @@ DEVICES = 8
 OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
               'mini_block_fisher')
 SPREAD = ('kfac', 'ekfac', 'tkfac', 'tekfac', 'mini_block_fisher')
+# The adaptive step, both curvature sources: data parallel, FSDP and
+# shard_map (its products and losses averaged over the devices).
+ADAPTIVE = ('kfac_adaptive', 'kfac_adaptive_ggn')
 VMA_OFF = ('adafisher', 'kfac')
 
 
@@ -275,6 +278,15 @@ def main(group, out):
             mesh, name, facts)
         results.setdefault('spread_shard_map', {})[name] = shard_mapped(
             mesh, name, True, spread_inverses='data')
+    print(name, 'done', flush=True)
+  for name in ADAPTIVE if group != 'explicit' else ():
+    results['single'][name] = single(name)
+    if group == 'sharded_jit':
+      results.setdefault('jit', {})[name] = data_parallel(mesh, name)
+      results.setdefault('fsdp', {})[name] = fsdp(mesh, name, facts)
+    else:
+      results.setdefault('shard_map_vma1', {})[name] = shard_mapped(
+          mesh, name, True)
     print(name, 'done', flush=True)
   if group == 'explicit':
     # K-FAC-reduce reshapes the batch-sharded conv rows: the conv net's

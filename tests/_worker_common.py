@@ -10,12 +10,30 @@ import optax
 import fisher_optax as fo
 
 
+def _ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
 def capture(model):
-  """The capturing step of ``model`` under a mean softmax cross-entropy."""
+  """The capturing step of ``model`` under a mean softmax cross-entropy.
+
+  It carries ``model`` for the adaptive step's loss and Gauss-Newton
+  products (:func:`step`).
+  """
   def loss_fn(params, x, y):
-    logits = model.apply({'params': params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return fo.linen.value_grad_and_stats(loss_fn)
+    return _ce(model.apply({'params': params}, x), y)
+  step_fn = fo.linen.value_grad_and_stats(loss_fn)
+  step_fn.model = model
+  return step_fn
+
+
+def _without(tx, *names):
+  """``tx`` with the extra arguments ``names`` dropped from ``update``."""
+  def update(updates, state, params=None, **extra):
+    for name in names:
+      extra.pop(name, None)
+    return tx.update(updates, state, params, **extra)
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def make(name, **kwargs):
@@ -25,6 +43,14 @@ def make(name, **kwargs):
   between them. ``'adafisher_reference'`` is AdaFisher's official-code mode,
   ``'kfac_reduce'`` K-FAC with ``weight_sharing='reduce'``.
   """
+  if name == 'kfac_adaptive_ggn':  # Gauss-Newton products of the outputs
+    return fo.adaptive(fo.scale_by_kfac(momentum=0.0, inverse_every=2,
+                                        **kwargs),
+                       damping=0.1, adapt_every=2,
+                       axis_name=kwargs.get('axis_name'))
+  if name == 'kfac_adaptive':  # the captured statistics' products
+    return _without(fo.kfac(damping=0.1, inverse_every=2, **kwargs),
+                    'outputs_fn', 'outputs_loss')
   if name == 'kfac_reduce':
     return fo.kfac(0.05, damping=0.1, inverse_every=2,
                    weight_sharing='reduce', **kwargs)
@@ -46,12 +72,18 @@ def step(tx, params, state, x, y, grad_scale=None, axis=None, *, step_fn):
   summed over the devices with ``check_vma`` (``grad_scale`` undoes it) and
   per device without (``axis`` pmeans it).
   """
-  _, grads, stats = step_fn(params, x, y)
+  loss, grads, stats = step_fn(params, x, y)
   if axis is not None:
     grads = jax.lax.pmean(grads, axis)
   if grad_scale is not None:
     grads = jax.tree.map(lambda g: g * grad_scale, grads)
-  updates, state = tx.update(grads, state, params, layer_stats=stats)
+  # The adaptive step's arguments (the others ignore them): this device's
+  # loss and Gauss-Newton products, which it averages over ``axis_name``.
+  apply = lambda p: step_fn.model.apply({'params': p}, x)
+  updates, state = tx.update(
+      grads, state, params, layer_stats=stats, value=loss,
+      value_fn=lambda p: _ce(apply(p), y), outputs_fn=apply,
+      outputs_loss=lambda z: _ce(z, y))
   return optax.apply_updates(params, updates), state
 
 

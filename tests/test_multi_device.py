@@ -31,6 +31,7 @@ WORKER = pathlib.Path(__file__).resolve().parent / '_multi_device_worker.py'
 OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
               'mini_block_fisher')
 SPREAD = ('kfac', 'ekfac', 'tkfac', 'tekfac', 'mini_block_fisher')
+ADAPTIVE = ('kfac_adaptive', 'kfac_adaptive_ggn')
 # Relative to the largest parameter. Seen when this test was written: at
 # most 2e-7 (EKFAC 7e-6, TEKFAC 2e-5); a wrong statistic (summed over the
 # devices) moved the parameters by 0.5 to 27 before the fixes it guards.
@@ -99,6 +100,11 @@ class ShardedJitTest(_WorkerTest):
         self.assert_same_params('fsdp', name)
       with self.subTest('fsdp state layout', optimizer=name):
         self.assert_fsdp_state_layout(name)
+    for name in ADAPTIVE:
+      with self.subTest('data parallel', optimizer=name):
+        self.assert_same_params('jit', name)
+      with self.subTest('fsdp', optimizer=name):
+        self.assert_same_params('fsdp', name)
 
   def assert_fsdp_state_layout(self, name):
     """Slots shaped like a kernel share its sharding; curvature replicates."""
@@ -135,6 +141,10 @@ class ShardMapTest(_WorkerTest):
       # were made from device-invariant zeros, so under check_vma (the
       # default) their cotangents were summed over the devices.
       with self.subTest('check_vma=True', optimizer=name):
+        self.assert_same_params('shard_map_vma1', name)
+    for name in ADAPTIVE:
+      # The curvature products and losses are per device: averaged.
+      with self.subTest('adaptive under shard_map', optimizer=name):
         self.assert_same_params('shard_map_vma1', name)
     for name in SPREAD:
       with self.subTest('spread_inverses under jit', optimizer=name):
