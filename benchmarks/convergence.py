@@ -153,6 +153,12 @@ OPTIMIZERS = {
     'mbf_adaptive': Optimizer(
         'mbf', functools.partial(fo.mini_block_fisher, None), True, True,
         True),
+    # AdaFisher's direction (no momentum) in the quadratic model: item 4 of
+    # issue 25 asks whether it helps. AdaFisher keeps its own damping (the
+    # normalised Fisher's); only the model's damping adapts.
+    'adafisher_adaptive': Optimizer(
+        'adafisher', lambda **kw: fo.adaptive(
+            fo.scale_by_adafisher(b1=0.0, **kw)), True, False, True),
     # kfac-jax's adaptive mode as its MNIST examples configure it.
     'kfac_jax_adaptive': Optimizer('kronecker', None, True, False, True),
 }
@@ -328,10 +334,11 @@ def _build_adaptive(task, opt, kwargs, fisher, curvature) -> Compiled:
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn, fisher=fisher)
   batch = next(task.batches(0))
   kwargs = dict(kwargs)
-  kwargs['layers'] = jax.eval_shape(
-      lambda p: step_fn(p, *batch, **_fisher_key(fisher, 0)),
-      task.init(0))[2]
-  if opt.family != 'mbf':
+  if opt.layers_hint:
+    kwargs['layers'] = jax.eval_shape(
+        lambda p: step_fn(p, *batch, **_fisher_key(fisher, 0)),
+        task.init(0))[2]
+  if opt.family == 'kronecker':
     kwargs.setdefault('loss_reduction', task.loss_reduction)
   tx = opt.factory(**kwargs)
 

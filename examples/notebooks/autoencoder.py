@@ -16,7 +16,9 @@
 # %% [markdown]
 # # Mini-Block Fisher on the MNIST deep autoencoder
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/fisher-optax/fisher_optax/blob/main/examples/notebooks/autoencoder.ipynb)
+# To run it in Colab, upload this `.ipynb` there (*File > Upload
+# notebook*) and set `FISHER_OPTAX_SOURCE` in the first code cell to where
+# your copy of fisher_optax is (the project has no public home yet).
 #
 # The deep autoencoder of the Mini-Block Fisher (MBF) paper (Bahamou,
 # Goldfarb & Ren, 2023), a classic test of second-order methods: dense
@@ -33,18 +35,29 @@
 
 # %%
 # On a fresh runtime (Colab) install fisher_optax; where it is already
-# importable (a local checkout, CI) nothing is installed. This is
-# `%pip install -q "fisher_optax @ git+https://..."`.
+# importable (a local checkout, CI) nothing is installed. Set the source to
+# your copy: a 'git+https://github.com/<owner>/<repo>' URL, or the path of
+# a wheel or checkout uploaded to the runtime.
 import importlib.util
+import os
 
 if importlib.util.find_spec('fisher_optax') is None:
+  # Your copy of fisher_optax: put it between the quotes, or set the
+  # environment variable (%env FISHER_OPTAX_SOURCE=...).
+  os.environ.setdefault('FISHER_OPTAX_SOURCE', '')
+  source = os.environ['FISHER_OPTAX_SOURCE']
+  if not source:
+    raise RuntimeError('Set FISHER_OPTAX_SOURCE (first code cell) to your '
+                       'copy of fisher_optax: a git+https URL or a path.')
   from IPython import get_ipython
-  PACKAGE = 'fisher_optax @ git+https://github.com/fisher-optax/fisher_optax'
-  get_ipython().run_line_magic('pip', f'install -q "{PACKAGE}"')
+  get_ipython().run_line_magic(
+      'pip', f'install -q "fisher_optax @ {source}"' if '://' in source
+      else f'install -q "{source}"')
 
 # %%
 import gzip
 import os
+import re
 import time
 import urllib.request
 
@@ -64,6 +77,7 @@ WIDTHS = (64, 32, 64) if QUICK else (1000, 500, 250, 30, 250, 500, 1000)
 STEPS = 30 if QUICK else 300
 BATCH = 64 if QUICK else 256
 
+
 # %% [markdown]
 # ## Data
 #
@@ -72,17 +86,22 @@ BATCH = 64 if QUICK else 256
 # project's GitHub repository. 8,000 images train, 2,000 are held out.
 
 # %%
-DATA_URL = ('https://raw.githubusercontent.com/fisher-optax/fisher_optax/'
-            'main/examples/data/')
-
-
 def data_file(name):
-  """The path of a bundled data file: the checkout's copy, else a download."""
+  """A bundled data file: the checkout's copy, an uploaded one in data/, or
+  a download from the GitHub copy that FISHER_OPTAX_SOURCE names."""
   for folder in ('../data', 'examples/data', 'data'):
     if os.path.exists(os.path.join(folder, name)):
       return os.path.join(folder, name)
+  match = re.match(r'git\+https://github\.com/([^/]+/[^/@]+?)(?:\.git)?'
+                   r'(?:@(.+))?$', os.environ.get('FISHER_OPTAX_SOURCE', ''))
+  if match is None:
+    raise FileNotFoundError(
+        f'{name}: upload examples/data/{name} of your copy to data/, or set '
+        'FISHER_OPTAX_SOURCE to a git+https://github.com/... copy.')
   os.makedirs('data', exist_ok=True)
-  urllib.request.urlretrieve(DATA_URL + name, os.path.join('data', name))
+  url = (f'https://raw.githubusercontent.com/{match[1]}/'
+         f'{match[2] or "main"}/examples/data/{name}')
+  urllib.request.urlretrieve(url, os.path.join('data', name))
   return os.path.join('data', name)
 
 
