@@ -359,8 +359,9 @@ def adaptive(
     if axis_name is not None:
       old_loss = lax.pmean(old_loss, axis_name)
     rho = (new_loss - old_loss) / change
-    # A step to a non-finite loss is not taken.
-    taken = valid & ~(measured & ~jnp.isfinite(new_loss))
+    # A step to a non-finite or higher loss (the model failed on its own
+    # batch) is not taken.
+    taken = valid & ~(measured & ~(new_loss <= old_loss))
     omega = jnp.asarray(damping_decay, dtype) ** adapt_every
     lam = jnp.where(
         measured,

@@ -109,7 +109,7 @@ def _numpy_trajectory(batches, theta, lam, every, decay, max_momentum):
   """Martens & Grosse's adaptive step with an identity preconditioner."""
   omega = decay ** every
   delta = np.zeros_like(theta)
-  lams, mus = [], []
+  lams, mus, rejected = [], [], 0
   for t, (x, y) in enumerate(batches):
     n = len(y)
     r = x @ theta - y
@@ -132,13 +132,17 @@ def _numpy_trajectory(batches, theta, lam, every, decay, max_momentum):
     change = 0.5 * w @ c @ w + b @ w
     step = w[0] * g + w[1] * delta
     if t % every == 0:
-      rho = (_toy_loss(theta + step, x, y) - value) / change
-      lam = _numpy_lm(lam, rho, omega)
+      new_loss = _toy_loss(theta + step, x, y)
+      if new_loss > value:  # rejected: no step, the damping grows
+        step, lam = np.zeros_like(theta), lam / omega
+        rejected += 1
+      else:
+        lam = _numpy_lm(lam, (new_loss - value) / change, omega)
     theta = theta + step
     delta = step
     lams.append(lam)
     mus.append(w[1])
-  return np.array(lams), np.array(mus), theta
+  return np.array(lams), np.array(mus), theta, rejected
 
 
 class TrajectoryTest(parameterized.TestCase):
@@ -148,8 +152,9 @@ class TrajectoryTest(parameterized.TestCase):
     steps, every, decay, lam0 = 20, 2, 0.5, 1e-3
     batches = _toy_batches(steps)
     theta0 = np.zeros(4)
-    want, mus, want_theta = _numpy_trajectory(batches, theta0, lam0, every,
-                                              decay, max_momentum)
+    want, mus, want_theta, rejected = _numpy_trajectory(
+        batches, theta0, lam0, every, decay, max_momentum)
+    self.assertGreater(rejected, 0)  # the rejection must be exercised
     if max_momentum is not None:  # the clip must be exercised
       self.assertTrue(np.any((mus == 0.0) | (mus == max_momentum)))
     # The loop must exercise the rule both ways to test it.
@@ -179,6 +184,7 @@ class TrajectoryTest(parameterized.TestCase):
       for x, y in batches:
         p, state = step(p, state, jnp.asarray(x), jnp.asarray(y))
         got.append(float(state.damping))
+      self.assertEqual(int(state.rejected), rejected)
     np.testing.assert_allclose(got, want, rtol=1e-9)
     np.testing.assert_allclose(p['w'], want_theta, rtol=1e-8, atol=1e-10)
 
@@ -310,6 +316,12 @@ class SafetyTest(parameterized.TestCase):
     params, _, step_fn, tx = _setup()
     u, state = self._step(tx, step_fn, params, tx.init(params),
                           value_fn=lambda p: jnp.nan)
+    self.assert_not_taken(u, state)
+
+  def test_step_that_raises_its_loss_is_not_taken(self):
+    params, loss_fn, step_fn, tx = _setup()
+    u, state = self._step(tx, step_fn, params, tx.init(params),
+                          value_fn=lambda p: loss_fn(p) + 1.0)
     self.assert_not_taken(u, state)
 
   @parameterized.parameters((np.nan,), (np.inf,), (0.0,))
