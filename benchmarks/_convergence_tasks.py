@@ -211,22 +211,38 @@ def _ce(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def _supervised(apply, loss_of):
+  """``(outputs, outputs_loss, loss_fn)`` of a ``(params, x, y)`` task.
+
+  ``apply(params, x)`` is the model, ``loss_of(outputs, y)`` the batch's
+  loss; ``loss_fn`` is their composition.
+  """
+  def outputs(params, x, y):
+    del y
+    return apply(params, x)
+
+  def outputs_loss(z, x, y):
+    del x
+    return loss_of(z, y)
+
+  def loss_fn(params, x, y):
+    return outputs_loss(outputs(params, x, y), x, y)
+
+  return outputs, outputs_loss, loss_fn
+
+
+def _mean_ce(logits, labels):
+  return _ce(logits, labels).mean()
+
+
 def cnn(size: str, batch_size: int | None = None) -> Task:
   """The examples' MNIST CNN."""
   splits = _mnist_splits()
   model = CNN()
   batch_size = batch_size or (128 if size == 'full' else 32)
 
-  def outputs(params, x, y):
-    del y
-    return model.apply({'params': params}, x)
-
-  def outputs_loss(logits, x, y):
-    del x
-    return _ce(logits, y).mean()
-
-  def loss_fn(params, x, y):
-    return outputs_loss(outputs(params, x, y), x, y)
+  outputs, outputs_loss, loss_fn = _supervised(
+      lambda p, x: model.apply({'params': p}, x), _mean_ce)
 
   @jax.jit
   def sums(params, x, y):
@@ -332,16 +348,8 @@ def transformer(size: str, batch_size: int | None = None) -> Task:
       0, len(ids) - context - 2, eval_windows).astype(np.int64))
           for split, ids in splits.items() if split != 'train'}
 
-  def outputs(params, x, y):
-    del y
-    return model.apply({'params': params}, x)
-
-  def outputs_loss(logits, x, y):
-    del x
-    return _ce(logits, y).mean()
-
-  def loss_fn(params, x, y):
-    return outputs_loss(outputs(params, x, y), x, y)
+  outputs, outputs_loss, loss_fn = _supervised(
+      lambda p, x: model.apply({'params': p}, x), _mean_ce)
 
   @jax.jit
   def sums(params, x, y):
@@ -411,16 +419,9 @@ def regression(size: str, batch_size: int | None = None,
   model = MLP((128, 128) if size == 'full' else (32,))
   batch_size = batch_size or (256 if size == 'full' else 64)
 
-  def outputs(params, xb, yb):
-    del yb
-    return model.apply({'params': params}, xb)
-
-  def outputs_loss(pred, xb, yb):
-    del xb
-    return jnp.mean((pred - yb) ** 2)
-
-  def loss_fn(params, xb, yb):
-    return outputs_loss(outputs(params, xb, yb), xb, yb)
+  outputs, outputs_loss, loss_fn = _supervised(
+      lambda p, x: model.apply({'params': p}, x),
+      lambda pred, y: jnp.mean((pred - y) ** 2))
 
   @jax.jit
   def sums(params, xb, yb):
@@ -511,16 +512,7 @@ def resnet(size: str, batch_size: int | None = None) -> Task:
     return model.apply({'params': params, 'batch_stats': stats}, x,
                        mutable=['batch_stats'])[0]
 
-  def outputs(params, x, y):
-    del y
-    return logits_of(params, x)
-
-  def outputs_loss(logits, x, y):
-    del x
-    return _ce(logits, y).mean()
-
-  def loss_fn(params, x, y):
-    return outputs_loss(outputs(params, x, y), x, y)
+  outputs, outputs_loss, loss_fn = _supervised(logits_of, _mean_ce)
 
   @jax.jit
   def sums(params, x, y):

@@ -291,6 +291,17 @@ def _setup(**kwargs):
   return params, loss_fn, fo.linen.value_grad_and_stats(loss_fn), tx
 
 
+def _train_step(tx, step_fn, loss_fn):
+  """``step(params, state) -> (params, state, updates)``, jitted."""
+  @jax.jit
+  def step(p, state):
+    value, grads, stats = step_fn(p)
+    u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
+                         value_fn=loss_fn)
+    return optax.apply_updates(p, u), state, u
+  return step
+
+
 class SafetyTest(parameterized.TestCase):
 
   def _step(self, tx, step_fn, params, state, *, value_fn, grad_fn=None):
@@ -351,14 +362,7 @@ class PlumbingTest(parameterized.TestCase):
 
   def test_trains_without_recompiling(self):
     params, loss_fn, step_fn, tx = _setup()
-
-    @jax.jit
-    def step(p, state):
-      value, grads, stats = step_fn(p)
-      u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
-                           value_fn=loss_fn)
-      return optax.apply_updates(p, u), state, value
-
+    step = _train_step(tx, step_fn, loss_fn)
     state = tx.init(params)
     first = float(loss_fn(params))
     for _ in range(12):
@@ -372,35 +376,22 @@ class PlumbingTest(parameterized.TestCase):
     params, loss_fn, step_fn, _ = _setup()
     tx = optax.inject_hyperparams(fo.adaptive)(
         fo.scale_by_kfac(momentum=0.0), damping=0.1, min_damping=0.5)
-
-    @jax.jit
-    def step(p, state):
-      value, grads, stats = step_fn(p)
-      return tx.update(grads, state, p, layer_stats=stats, value=value,
-                       value_fn=loss_fn)
-
+    step = _train_step(tx, step_fn, loss_fn)
     state = tx.init(params)
-    _, state = step(params, state)
+    _, state, _ = step(params, state)
     self.assertGreaterEqual(float(state.inner_state.damping), 0.5)
     # Same dtype and (strong) type as injected: no recompilation.
     state.hyperparams['max_damping'] = jnp.asarray(0.2, jnp.float32)
     state.hyperparams['min_damping'] = jnp.asarray(0.0, jnp.float32)
     for _ in range(5):  # up to the next adaptation step
-      _, state = step(params, state)
+      _, state, _ = step(params, state)
     self.assertLessEqual(float(state.inner_state.damping), 0.2 + 1e-7)
     self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
 
   def test_multi_steps(self):
     params, loss_fn, step_fn, tx = _setup()
     tx = optax.MultiSteps(tx, every_k_schedule=2)
-
-    @jax.jit
-    def step(p, state):
-      value, grads, stats = step_fn(p)
-      u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
-                           value_fn=loss_fn)
-      return optax.apply_updates(p, u), state, u
-
+    step = _train_step(tx, step_fn, loss_fn)
     state = tx.init(params)
     for i in range(4):
       params, state, u = step(params, state)
@@ -411,14 +402,8 @@ class PlumbingTest(parameterized.TestCase):
   def test_orbax_resume_is_bitwise(self):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     params, loss_fn, step_fn, tx = _setup(adapt_every=2)
-
-    @jax.jit
-    def step(p, state):
-      value, grads, stats = step_fn(p)
-      u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
-                           value_fn=loss_fn)
-      return optax.apply_updates(p, u), state
-
+    train = _train_step(tx, step_fn, loss_fn)
+    step = lambda p, state: train(p, state)[:2]
     state = tx.init(params)
     for _ in range(3):
       params, state = step(params, state)
@@ -460,18 +445,11 @@ class PlumbingTest(parameterized.TestCase):
     tx = getattr(fo, name)(None) if name == 'mini_block_fisher' else (
         getattr(fo, name)())
     self.assertIsInstance(tx.init(params), fo.AdaptiveState)
-
-    @jax.jit
-    def step(p, state):
-      value, grads, stats = step_fn(p)
-      u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
-                           value_fn=loss_fn)
-      return optax.apply_updates(p, u), state
-
+    step = _train_step(tx, step_fn, loss_fn)
     state = tx.init(params)
     first = float(loss_fn(params))
     for _ in range(10):
-      params, state = step(params, state)
+      params, state, _ = step(params, state)
     self.assertLess(float(loss_fn(params)), 0.7 * first)
 
 
