@@ -42,6 +42,24 @@ class AdaptiveState(NamedTuple):
       non-decreasing model, or a non-finite loss after the step).
     delta: the last update :math:`\delta`.
     inner: the preconditioner's state.
+
+  Example:
+    What to log after a step of ``fo.kfac()``:
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+    >>> params = model.init(jax.random.key(1), x)['params']
+    >>> loss_fn = lambda p: jnp.mean(jnp.sin(model.apply({'params': p}, x)))
+    >>> loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> tx = fo.kfac()
+    >>> _, state = tx.update(grads, tx.init(params), params,
+    ...                      layer_stats=stats, value=loss, value_fn=loss_fn)
+    >>> isinstance(state, fo.AdaptiveState), int(state.count)
+    (True, 1)
+    >>> bool(state.learning_rate > 0), int(state.rejected)
+    (True, 0)
   """
 
   count: jax.Array

@@ -15,6 +15,7 @@ import optax
 
 import fisher_optax as fo
 from fisher_optax import _adafisher
+from fisher_optax import _adaptive
 from fisher_optax import _base
 from fisher_optax import _kfac
 from fisher_optax import _kronecker
@@ -38,7 +39,7 @@ class ApiTest(parameterized.TestCase):
     for name in fo.__all__:
       self.assertTrue(hasattr(fo, name), name)
 
-  @parameterized.parameters(fo, _adafisher, _base, _kfac, _kronecker,
+  @parameterized.parameters(fo, _adafisher, _adaptive, _base, _kfac, _kronecker,
                             _mini_block_fisher, _sharding,
                             _pairing, _tkfac, _train_state,
                             capture_linen, capture_nnx)
