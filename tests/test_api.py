@@ -39,8 +39,8 @@ class ApiTest(parameterized.TestCase):
     for name in fo.__all__:
       self.assertTrue(hasattr(fo, name), name)
 
-  @parameterized.parameters(fo, _adafisher, _adaptive, _base, _kfac, _kronecker,
-                            _mini_block_fisher, _sharding,
+  @parameterized.parameters(fo, _adafisher, _adaptive, _base, _kfac,
+                            _kronecker, _mini_block_fisher, _sharding,
                             _pairing, _tkfac, _train_state,
                             capture_linen, capture_nnx)
   def test_doctests(self, module):
