@@ -472,10 +472,12 @@ def plot(task: str, records: list[Record], rows: dict[str, dict[str, Any]],
     curves = np.stack([trailing_loss(r)[:n] for r in seeds])
     x = np.mean([r['curve'][x_axis][:n] for r in seeds], axis=0)
     colour = _colour(spec, specs)
+    settings = ('no arguments' if row['lr'] is None else
+                f'lr {row["lr"]:.3g}' + (
+                    '' if row['damping'] is None
+                    else f', damping {row["damping"]:.3g}'))
     ax.plot(x, curves.mean(0), color=colour, lw=1.5,
-            label=f'{spec} (lr {row["lr"]:.3g}'
-            + (f', damping {row["damping"]:.3g})' if row['damping']
-               is not None else ')'))
+            label=f'{spec} ({settings})')
     ax.fill_between(x, curves.min(0), curves.max(0), color=colour,
                     alpha=0.2, lw=0)
     positive &= bool(np.all(curves > 0))
