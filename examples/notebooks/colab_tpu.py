@@ -20,14 +20,14 @@
 # notebook*) and set `FISHER_OPTAX_SOURCE` in the first code cell to where
 # your copy of fisher_optax is (the project has no public home yet).
 #
-# This notebook trains a small ResNet (with BatchNorm) on MNIST with
-# AdaFisher, TKFAC and Mini-Block Fisher (MBF), and with Adam for
-# comparison, split over every device it finds: the batch is sharded along
+# This notebook trains a small ResNet (with BatchNorm) on MNIST with K-FAC,
+# TKFAC and AdaFisher, and with Adam and Muon for comparison, split over
+# every device it finds: the batch is sharded along
 # a `'data'` mesh axis with `NamedSharding`, the parameters and the
 # optimizer states are replicated, and `jax.jit` does the rest. The library
 # needs no change for this: the statistics it averages over the batch (the
-# Kronecker factors, MBF's blocks, BatchNorm's moments) become all-reduces
-# that XLA inserts where the batch axis is sharded.
+# Kronecker factors, AdaFisher's diagonals, BatchNorm's moments) become
+# all-reduces that XLA inserts where the batch axis is sharded.
 #
 # It runs unchanged on one CPU, on 8 simulated CPU devices
 # (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, how CI runs it)
@@ -254,16 +254,19 @@ def accuracy(params, batch_stats, x, y):
 
 # %% [markdown]
 # Learning rates and dampings from the project's convergence study on this
-# ResNet (`docs/choosing.md`): Adam 1e-2; AdaFisher 0.3 with damping 0.1;
-# MBF 3e-5 with damping 1e-5. TKFAC was not tuned on the ResNet; it uses
-# the Kronecker family's CNN setting.
+# ResNet (`docs/choosing.md`, `benchmarks/results/resnet.md`): Adam 1e-2;
+# `optax.contrib.muon` 1e-2; K-FAC 1e-3 with damping 1e-4 and the study's
+# advice for this net, statistics every 10 steps and inverses every 100
+# (0.75x Adam's steps and 0.85x its time to Adam's final loss there, one
+# CPU core); TKFAC 1e-3 with damping 1e-4; AdaFisher 0.3 with damping 0.1.
 
 # %%
 OPTIMIZERS = {
     'adam': optax.adam(1e-2),
+    'muon': optax.contrib.muon(1e-2),
+    'kfac': fo.kfac(1e-3, damping=1e-4, stats_every=10, inverse_every=100),
+    'tkfac': fo.tkfac(1e-3, damping=1e-4),
     'adafisher': fo.adafisher(0.3, damping=0.1),
-    'tkfac': fo.tkfac(3e-4, damping=1e-3),
-    'mbf': fo.mini_block_fisher(3e-5, damping=1e-5),
 }
 
 results = {}
