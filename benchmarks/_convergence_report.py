@@ -265,6 +265,9 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
                        else 0.0 if metric else None),
         'metric_diverged': len(seeds) - len(metric),
         'test_loss': float(np.mean(test_loss)) if test_loss else None,
+        'validation_loss': (float(np.mean([convergence.score(r)
+                                           for r in ok])) if ok
+                            else math.inf),
         'target': target,
     }
   return out
@@ -603,6 +606,40 @@ def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
   return ratios
 
 
+def _no_argument_table(summary, tasks) -> list[str]:
+  """The optimizers that take no learning rate, against tuned K-FAC."""
+  specs = sorted({s for rows in summary.values() for s in rows
+                  if convergence.OPTIMIZERS[
+                      convergence.parse_spec(s)[0]].adaptive})
+  if not specs:
+    return []
+
+  def cell(task, spec):
+    row = summary[task].get(spec)
+    kfac = summary[task].get('kfac')
+    if row is None:
+      return DASH
+    relative = ('' if kfac is None or not math.isfinite(
+        row['validation_loss']) else
+                f'; {row["validation_loss"] / kfac["validation_loss"]:.2f}')
+    diverged = (f', {row["metric_diverged"]} diverged'
+                if row['metric_diverged'] else '')
+    return _summary_cell(summary[task], spec) + relative + diverged
+
+  return [
+      '## Optimizers without a learning rate', '',
+      'Run at their defaults, no sweep (`fo.adaptive`; kfac-jax\'s adaptive '
+      'mode as its examples configure it). Each cell: steps / seconds to '
+      'Adam\'s final training loss as above; then the final validation '
+      'loss as a ratio to tuned K-FAC\'s (`kfac` at its best setting, mean '
+      'over seeds).', '',
+      '| optimizer | ' + ' | '.join(tasks) + ' |',
+      '|---|' + '---:|' * len(tasks),
+      *(f'| {spec} | ' + ' | '.join(cell(t, spec) for t in tasks) + ' |'
+        for spec in specs),
+      '']
+
+
 def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
                   path: str) -> None:
   """``summary.md``: base optimizers x tasks, steps / time ratio to Adam."""
@@ -630,6 +667,7 @@ def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
     lines.append(f'| {spec} | ' + ' | '.join(
         _summary_cell(summary[t], spec) for t in tasks) + ' |')
   lines.append('')
+  lines += _no_argument_table(summary, tasks)
   for task in tasks:
     adam = summary[task].get('adam')
     if adam is None or adam['target'] is None:

@@ -94,6 +94,17 @@ def cnn_records():
   return rs
 
 
+def resnet_records():
+  """Adam, tuned K-FAC, and K-FAC with no learning rate (fo.adaptive)."""
+  rs = [record(task='resnet', seed=s) for s in range(3)]  # reach at 110
+  rs += [record(task='resnet', optimizer='kfac', lr=1e-2, damping=1e-3,
+                seed=s, val=0.8) for s in range(3)]
+  # Reaches at 30 on every seed; validation 0.4 against K-FAC's 0.8.
+  rs += [record(task='resnet', optimizer='kfac_adaptive', lr=None, seed=s,
+                drop=20, lo=0.3, val=0.4) for s in range(3)]
+  return rs
+
+
 def write(cache, records):
   for i, r in enumerate(records):
     folder = os.path.join(cache, r['task'])
@@ -112,7 +123,7 @@ class ConvergenceReportTest(absltest.TestCase):
     cls.out = os.path.join(cls.tmp, 'results')
     regression = [record(task='regression', optimizer='kfac', lr=1e-2,
                          damping=1e-3, seed=s) for s in range(2)]
-    write(cache, cnn_records() + regression)
+    write(cache, cnn_records() + regression + resnet_records())
     cls.summary = report.write_all(cache, cls.out)
     with open(os.path.join(cls.out, 'cnn.md')) as f:
       cls.cnn_md = f.read()
@@ -165,6 +176,16 @@ class ConvergenceReportTest(absltest.TestCase):
              if line.startswith('| ') and '---' not in line][1:]
     self.assertEqual(order, ['kfac', 'adam', 'mbf', 'sgd_nesterov',
                              'adafisher'])
+
+  def test_no_argument_table(self):
+    row = self.summary['resnet']['kfac_adaptive']
+    self.assertIsNone(row['lr'])
+    self.assertAlmostEqual(row['steps'], 30)
+    self.assertIn('## Optimizers without a learning rate', self.summary_md)
+    # Columns cnn, regression, resnet: steps 30 / Adam's 110, seconds the
+    # same ratio; validation 0.4 / tuned K-FAC's 0.8.
+    self.assertIn('| kfac_adaptive | — | — | 0.27 / 0.27; 0.50 |',
+                  self.summary_md)
 
   def test_variants_table(self):
     variants = self.cnn_md.split('## Variants')[1].split('## ')[0]
