@@ -422,6 +422,29 @@ class PlumbingTest(parameterized.TestCase):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
 
+  def test_fixed_learning_rate_and_momentum_adapt_the_damping_only(self):
+    params, loss_fn, step_fn, _ = _setup()
+    tx = fo.adaptive(fo.scale_by_kfac(momentum=0.0), damping=0.1,
+                     learning_rate=0.1, momentum=0.5, adapt_every=3)
+    step = _train_step(tx, step_fn, loss_fn)
+    state = tx.init(params)
+    dampings = []
+    first = float(loss_fn(params))
+    for _ in range(7):
+      params, state, _ = step(params, state)
+      self.assertAlmostEqual(float(state.learning_rate), 0.1, places=6)
+      self.assertAlmostEqual(float(state.momentum), 0.5, places=6)
+      dampings.append(float(state.damping))
+    # The damping moves on steps 0, 3 and 6 only, by a factor of 0.95^3.
+    self.assertEqual(dampings[1:3], [dampings[0]] * 2)
+    self.assertEqual(dampings[4:6], [dampings[3]] * 2)
+    omega = 0.95 ** 3
+    for before, after in ((0.1, dampings[0]), (dampings[0], dampings[3])):
+      ratio = after / before
+      self.assertTrue(any(abs(ratio - r) < 1e-5 * r
+                          for r in (1.0, omega, 1 / omega)), ratio)
+    self.assertLess(float(loss_fn(params)), first)
+
   def test_errors_name_what_is_missing(self):
     params, loss_fn, step_fn, tx = _setup()
     value, grads, stats = step_fn(params)
