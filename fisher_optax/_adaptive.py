@@ -13,6 +13,9 @@ step from it and the previous update :math:`\delta`:
 2. (§6.5) every ``adapt_every`` steps the reduction ratio
    :math:`\rho = (h(\theta + d) - h(\theta)) / M(d)` on the same batch moves
    :math:`\lambda` by the Levenberg-Marquardt rule.
+
+Beyond the paper (``docs/adaptive.md``): :math:`\mu` is kept in ``[0,
+max_momentum]``, and a step that raises its batch's loss is not taken.
 """
 
 from __future__ import annotations
@@ -208,8 +211,8 @@ def adaptive(
   :math:`\lambda + \eta`.
 
   **Safety.** A step whose model is not finite or predicts no decrease, or
-  whose loss :math:`h(\theta + d)` is not finite, is not taken: the update
-  is zero, :math:`\delta` is reset, :math:`\lambda` grows by
+  whose loss :math:`h(\theta + d)` (on an adaptation step) is higher than
+  :math:`h(\theta)` or not finite, is not taken: the update is zero, :math:`\delta` is reset, :math:`\lambda` grows by
   :math:`1/\omega` and ``state.rejected`` counts it. NaN or infinite values
   never reach the parameters through this transform.
 
@@ -366,6 +369,7 @@ def adaptive(
 
     # Martens & Grosse: this step's loss change on this batch.
     measured = adapt & valid
+
     def loss_after():
       loss = jnp.asarray(value_fn(optax.apply_updates(params, step)), dtype)
       # Averaged inside the branch: both branches then agree across devices.
