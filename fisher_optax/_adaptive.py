@@ -214,8 +214,8 @@ def adaptive(
   whose loss :math:`h(\theta + d)` (on an adaptation step) is higher than
   :math:`h(\theta)` or not finite, is not taken: the update is zero,
   :math:`\delta` is reset, :math:`\lambda` grows by :math:`1/\omega` and
-  ``state.rejected`` counts it. NaN or infinite values
-  never reach the parameters through this transform.
+  ``state.rejected`` counts it. NaN or infinite values never reach the
+  parameters through this transform.
 
   Args:
     preconditioner: a transformation whose ``update`` takes ``damping=``
