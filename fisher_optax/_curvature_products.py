@@ -30,10 +30,6 @@ from fisher_optax import _kronecker
 from fisher_optax import _stats
 
 
-def _leaves(tree) -> dict[str, Any]:
-  return _base.flatten_with_paths(tree)
-
-
 def _kron_scores(st: _base.LayerStats, layout, vectors, loss_reduction,
                  dtype):
   """``s_n(v)`` of one dense, conv or embedding layer: ``(K, batch)``."""
@@ -154,7 +150,7 @@ def per_example_scores(layer_stats: Mapping[str, _base.LayerStats],
     parameter paths whose per-example gradients ``S`` includes.
   """
   layer_stats = _base.check_layer_stats(layer_stats, where)
-  flat = [_leaves(v) for v in vectors]
+  flat = [_base.flatten_with_paths(v) for v in vectors]
   dtype = jnp.float32
   for leaf in flat[0].values():
     if _base.is_float(leaf):
@@ -232,7 +228,7 @@ def ggn_products(outputs_fn: Callable[[Any], Any],
   tangents = [jvp(_zeros_for_masked(v, params)) for v in vectors]
   grad = jax.grad(outputs_loss)
   hessian = [jax.jvp(grad, (outputs,), (t,))[1] for t in tangents]
-  c = jnp.stack([jnp.stack([_vdot(t, h) for h in hessian])
+  c = jnp.stack([jnp.stack([vdot(t, h) for h in hessian])
                  for t in tangents])
   c = (c + c.T) / 2
   if axis_name is not None:
@@ -240,7 +236,8 @@ def ggn_products(outputs_fn: Callable[[Any], Any],
   return c
 
 
-def _vdot(a, b) -> jax.Array:
+def vdot(a, b) -> jax.Array:
+  """``sum`` of leafwise inner products (masked and integer leaves skip)."""
   pairs = zip(jax.tree.leaves(a, is_leaf=_base.is_masked),
               jax.tree.leaves(b, is_leaf=_base.is_masked))
   total = jnp.zeros([], jnp.float32)
@@ -249,9 +246,4 @@ def _vdot(a, b) -> jax.Array:
       dtype = jnp.promote_types(_base.stats_dtype(x), _base.stats_dtype(y))
       total = total + jnp.vdot(x.astype(dtype), y.astype(dtype)).real
   return total
-
-
-def vdot(a, b) -> jax.Array:
-  """``sum`` of leafwise inner products (masked and integer leaves skip)."""
-  return _vdot(a, b)
 
