@@ -109,14 +109,15 @@ def _conv_scores(st: _base.LayerStats, layout, vectors, scale, dtype):
 
 
 def _norm_scores(st: _base.LayerStats, vectors, loss_reduction, dtype):
-  """``s_n(v)`` of a norm layer's scale and bias, ``(K, batch)``."""
+  """``s_n(v)`` of a norm layer's scale and bias, ``(K, batch)``, or None
+  when both are frozen."""
   meta = st.meta
   k = meta.stack_ndim
   batch = st.g.shape[k + 1]
   g = st.g.astype(dtype) * (batch if loss_reduction == 'mean' else 1.0)
   feat = tuple(ax + k + 1 for ax in meta.cfg('feature_axes'))
   pos = tuple(ax for ax in range(k + 2, g.ndim) if ax not in feat)
-  out = jnp.zeros((len(vectors), batch), dtype)
+  out = None
   for role, value in (('scale', st.extras.get('xhat')), ('bias', None)):
     name = meta.param_name(role)
     if name is None or any(_base.is_masked(v[name]) for v in vectors):
@@ -124,12 +125,12 @@ def _norm_scores(st: _base.LayerStats, vectors, loss_reduction, dtype):
     per_example = g if value is None else g * value.astype(dtype)
     per_example = jnp.sum(per_example, axis=pos)  # (*stack, C, B, *feat)
     shape = per_example.shape
-    for i, v in enumerate(vectors):
-      w = v[name].astype(dtype)
-      w = w.reshape(shape[:k] + (1, 1) + shape[k + 2:])
-      out = out.at[i].add(jnp.sum(
-          per_example * w, axis=tuple(range(k + 1)) + tuple(
-              range(k + 2, len(shape)))))
+    w = jnp.stack([v[name].astype(dtype).reshape(
+        shape[:k] + (1, 1) + shape[k + 2:]) for v in vectors])
+    # Summed, not written into zeros: the batch axis may be sharded.
+    scores = jnp.sum(per_example[None] * w, axis=tuple(range(1, k + 2)) +
+                     tuple(range(k + 3, len(shape) + 1)))
+    out = scores if out is None else out + scores
   return out
 
 
@@ -165,6 +166,8 @@ def per_example_scores(layer_stats: Mapping[str, _base.LayerStats],
                        if _base.is_masked(leaf))
     if meta.kind == 'norm':
       scores = _norm_scores(st, per_layer, loss_reduction, dtype)
+      if scores is None:  # scale and bias both frozen
+        continue
       names = [n for _, n in meta.params if n not in frozen]
     else:
       layout = _kronecker.layout_from_meta(key, meta, frozen)
@@ -194,7 +197,8 @@ def captured_products(layer_stats, vectors, loss_reduction: str,
   """
   scores, covered = per_example_scores(layer_stats, vectors, loss_reduction,
                                        where)
-  c = scores @ scores.T
+  # A sum, not a matmul: on an Explicit mesh the batch axis is sharded.
+  c = jnp.sum(scores[:, None, :] * scores[None, :, :], axis=-1)
   if loss_reduction == 'mean':
     c = c / scores.shape[-1]
   if axis_name is not None:
@@ -244,6 +248,7 @@ def vdot(a, b) -> jax.Array:
   for x, y in pairs:
     if _base.is_float(x) and _base.is_float(y):
       dtype = jnp.promote_types(_base.stats_dtype(x), _base.stats_dtype(y))
-      total = total + jnp.vdot(x.astype(dtype), y.astype(dtype)).real
+      # A sum, not jnp.vdot: the leaves may be batch-sharded outputs.
+      total = total + jnp.sum(x.astype(dtype) * y.astype(dtype)).real
   return total
 

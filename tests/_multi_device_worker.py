@@ -210,6 +210,8 @@ def explicit(name, results, facts):
       results.setdefault('explicit_shard_map', {})[name] = shard_mapped(
           explicit_mesh, name, True, jax.device_put(X, batch),
           jax.device_put(Y, batch))
+  if name in ADAPTIVE:  # its update needs the loss: no FSDP-only update
+    return
   results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
       explicit_mesh, name, facts)
 
@@ -279,9 +281,12 @@ def main(group, out):
         results.setdefault('spread_shard_map', {})[name] = shard_mapped(
             mesh, name, True, spread_inverses='data')
     print(name, 'done', flush=True)
-  for name in ADAPTIVE if group != 'explicit' else ():
+  for name in ADAPTIVE:
     results['single'][name] = single(name)
-    if group == 'sharded_jit':
+    if group == 'explicit':
+      # The batch-sharded per-example scores and output tangents.
+      explicit(name, results, facts)
+    elif group == 'sharded_jit':
       results.setdefault('jit', {})[name] = data_parallel(mesh, name)
       results.setdefault('fsdp', {})[name] = fsdp(mesh, name, facts)
     else:

@@ -172,6 +172,12 @@ class ExplicitMeshTest(_WorkerTest):
   GROUP = 'explicit'
 
   def test_every_optimizer(self):  # one method: see ShardedJitTest
+    for name in ADAPTIVE:
+      # Regression: the per-example scores and the inner products were
+      # matmuls over the batch-sharded axis, which an Explicit mesh refuses.
+      for mode in ('mlp_auto', 'mlp_explicit'):
+        with self.subTest(mode, optimizer=name):
+          self.assert_same_params(mode, name, ref='mlp_single')
     for name in OPTIMIZERS:
       for mode in ('mlp_auto', 'mlp_explicit'):
         with self.subTest(mode, optimizer=name):
