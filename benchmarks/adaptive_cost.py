@@ -15,12 +15,18 @@ each K-FAC at ``(stats_every, inverse_every)`` of ``(1, 20)`` and
 ``(10, 100)``. The adaptive step evaluates the loss after the step every
 ``adapt_every`` = 5 steps (a forward pass under ``lax.cond``).
 
+Where kfac-jax runs the task (the CNN; ``pip install -e '.[kfac]'``), its
+``Optimizer`` is timed the same way with and without its adaptive learning
+rate, momentum and damping (the study's configuration, at the same
+periods), so its overhead for the same machinery stands beside ours.
+
 All steps run side by side in one process, interleaved
 (``_common.interleaved``): every repeat times one block of ``--block``
 contiguous steps of each optimizer in turn, order reversed on every other
 repeat. A block of 100 holds whole periods of every refresh, so its mean is
 the amortised time per step. ``overhead`` is the median over repeats of the
-per-repeat ratio of an adaptive step to the fixed K-FAC step with the same
+per-repeat ratio of an adaptive step to the fixed step of its own library
+(``kfac``, or ``kfac_jax`` without its adaptive options) with the same
 periods, minus one.
 
 Usage::
@@ -41,6 +47,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 import _convergence_tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+import _kfac_jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
 import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PERIODS = ((1, 20), (10, 100))
@@ -88,8 +96,45 @@ def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
 
       runners.append(_common.optax_runner(label, periods, tx,
                                           _jit(train_step), params, batch))
+  runners.extend(kfac_jax_runners(task, params, batch))
   _common.warm_up(runners, WARMUP)
   return runners
+
+
+def kfac_jax_runners(task, params, batch) -> list[_common.Runner]:
+  """kfac-jax fixed and adaptive at each period, where it runs ``task``."""
+  if task.kfac_jax_loss is None or _kfac_jax.import_kfac_jax() is None:
+    return []
+  runners = []
+  for periods in PERIODS:
+    kwargs = dict(stats_every=periods[0], inverse_every=periods[1])
+    for label, adaptive in (('kfac_jax', False),
+                            ('kfac_jax adaptive', True)):
+      if adaptive:
+        kwargs = dict(curvature_update_period=periods[0],
+                      inverse_update_period=periods[1])
+      compiled = convergence._build_kfac_jax(task, kwargs, 0, adaptive)  # pylint: disable=protected-access
+      runners.append(_stepper_runner(label, periods, compiled, params, batch))
+  return runners
+
+
+def _stepper_runner(label, periods, compiled, params, batch):
+  """A ``convergence.Compiled`` step (it counts steps on the host)."""
+  holder = {'params': jax.tree.map(lambda p: p.copy(), params), 'count': 0}
+  holder['opt_state'] = compiled.init(holder['params'], LEARNING_RATE, 1e-3)
+  holder['out'] = None
+
+  def run(n):
+    for _ in range(n):
+      holder['params'], holder['opt_state'], holder['out'] = compiled.step(
+          holder['params'], holder['opt_state'], holder['count'], *batch)
+      holder['count'] += 1
+
+  def sync():
+    jax.block_until_ready((holder['params'], holder['opt_state'],
+                           holder['out']))
+
+  return _common.Runner(label, periods, run, sync, lambda: None)
 
 
 def main(argv=None) -> None:
@@ -107,19 +152,22 @@ def main(argv=None) -> None:
     task = tasks_lib.TASKS[name]('full')
     runners = make_runners(task)
     times = _common.interleaved(runners, args.repeats, args.block)
-    fixed = {r.periods: i for i, r in enumerate(runners) if r.label == 'kfac'}
+    # Each adaptive step against the fixed step of its own library.
+    fixed = {(r.label, r.periods): i for i, r in enumerate(runners)
+             if r.label in ('kfac', 'kfac_jax')}
     rows = []
     for r, t in zip(runners, times):
       ratio = lambda ref, t=t: statistics.median(
           a / b for a, b in zip(t, ref))
-      over = ('' if r.periods is None or r.label == 'kfac' else
-              f'{100 * (ratio(times[fixed[r.periods]]) - 1):+.0f}%')
+      base = r.label.split(' ')[0]
+      over = ('' if r.periods is None or r.label == base else
+              f'{100 * (ratio(times[fixed[base, r.periods]]) - 1):+.0f}%')
       rows.append((r.label, '' if r.periods is None else str(r.periods),
                    f'{1e3 * statistics.median(t):.1f}',
                    f'{ratio(times[0]):.2f}', over))
     print(f'### {name} (batch {task.batch_size})\n')
     _common.print_table(('optimizer', '(stats, inverse)', 'ms/step',
-                         'ratio to adam', 'overhead vs kfac'), rows)
+                         'ratio to adam', 'overhead vs fixed'), rows)
     print()
 
 
