@@ -136,8 +136,13 @@ OPTIMIZERS = {
     # The one-line use: one learning rate for the orthogonalised 2-D
     # weights and for the Adam-updated rest (conv kernels, biases, norms).
     'muon': Optimizer('muon', optax.contrib.muon, False),
-    'adafisher': Optimizer('adafisher', fo.adafisher, True),
-    'adafisherw': Optimizer('adafisher', fo.adafisherw, True),
+    # The paper's arithmetic, the library's default until issue 25 and the
+    # mode of every AdaFisher run cached before it; the default since, the
+    # official code's, is 'adafisher:mode=reference'.
+    'adafisher': Optimizer(
+        'adafisher', functools.partial(fo.adafisher, mode='paper'), True),
+    'adafisherw': Optimizer(
+        'adafisher', functools.partial(fo.adafisherw, mode='paper'), True),
     'kfac': Optimizer('kronecker', fo.kfac, True, True),
     'ekfac': Optimizer('kronecker', fo.ekfac, True, True),
     'tkfac': Optimizer('kronecker', fo.tkfac, True, True),
@@ -158,7 +163,8 @@ OPTIMIZERS = {
     # normalised Fisher's); only the model's damping adapts.
     'adafisher_adaptive': Optimizer(
         'adafisher', lambda **kw: fo.adaptive(
-            fo.scale_by_adafisher(b1=0.0, **kw)), True, False, True),
+            fo.scale_by_adafisher(b1=0.0, mode='paper', damping=0.1, **kw)),
+        True, False, True),
     # kfac-jax's adaptive mode as its MNIST examples configure it.
     'kfac_jax_adaptive': Optimizer('kronecker', None, True, False, True),
 }
@@ -170,7 +176,11 @@ QUICK_SKIP = ('ekfac_adaptive', 'tkfac_adaptive', 'tekfac_adaptive',
 # Spec keys that are not the factory's arguments. ``curvature=ggn`` gives
 # an adaptive optimizer the task's outputs_fn / outputs_loss (exact
 # Gauss-Newton products); the default is the captured statistics.
-_RUN_KEYS = ('fisher', 'warmup', 'batch_size', 'curvature')
+# ``curvature_batch=n`` computes those products on the batch's first n
+# examples only (the gradient and the loss stay the whole batch's), as a
+# user would by slicing the batch in outputs_fn / outputs_loss.
+_RUN_KEYS = ('fisher', 'warmup', 'batch_size', 'curvature',
+             'curvature_batch')
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -289,7 +299,8 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
     return _build_kfac_jax(task, kwargs, warmup, opt.adaptive)
   if opt.adaptive:
     return _build_adaptive(task, opt, kwargs, fisher,
-                           settings.get('curvature', 'captured'))
+                           settings.get('curvature', 'captured'),
+                           settings.get('curvature_batch'))
   if opt.curvature:
     step_fn = fo.linen.value_grad_and_stats(task.loss_fn, fisher=fisher)
     if opt.layers_hint:
@@ -332,10 +343,13 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
   return Compiled(init, step)
 
 
-def _build_adaptive(task, opt, kwargs, fisher, curvature) -> Compiled:
+def _build_adaptive(task, opt, kwargs, fisher, curvature,
+                    curvature_batch=None) -> Compiled:
   """An optimizer that takes no learning rate, at its defaults."""
   if curvature not in ('captured', 'ggn'):
     raise ValueError(f'curvature={curvature!r}: captured or ggn')
+  if curvature_batch is not None and curvature != 'ggn':
+    raise ValueError('curvature_batch needs curvature=ggn')
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn, fisher=fisher)
   batch = next(task.batches(0))
   kwargs = dict(kwargs)
@@ -357,8 +371,10 @@ def _build_adaptive(task, opt, kwargs, fisher, curvature) -> Compiled:
                                  **_fisher_key(fisher, count))
     extra = {}
     if curvature == 'ggn':
-      extra = dict(outputs_fn=lambda p: task.outputs(p, *batch),
-                   outputs_loss=lambda z: task.outputs_loss(z, *batch))
+      part = (batch if curvature_batch is None else
+              tuple(b[:int(curvature_batch)] for b in batch))
+      extra = dict(outputs_fn=lambda p: task.outputs(p, *part),
+                   outputs_loss=lambda z: task.outputs_loss(z, *part))
     updates, opt_state = tx.update(
         grads, opt_state, params, layer_stats=stats, value=loss,
         value_fn=lambda p: task.loss_fn(p, *batch), **extra)

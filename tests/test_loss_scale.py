@@ -36,11 +36,12 @@ _KRONECKER = dict(stats_every=1, inverse_every=1)
 _CASES = {
     'adam': (lambda d: optax.adam(1e-3, eps=1e-30), 0, None),
     'sgd': (lambda d: optax.sgd(1e-3, momentum=0.9), 1, None),
-    'adafisher': (lambda d: fo.adafisher(1e-3, damping=d, **_PERIODS), 1, 1),
+    'adafisher': (lambda d: fo.adafisher(
+        1e-3, damping=d, mode='paper', **_PERIODS), 1, 1),
     'adafisher_reference': (lambda d: fo.adafisher(
         1e-3, damping=d, mode='reference', **_PERIODS), 1, 1),
     'adafisherw': (lambda d: fo.adafisherw(
-        1e-3, damping=d, weight_decay=0.0, **_PERIODS), 1, 1),
+        1e-3, damping=d, weight_decay=0.0, mode='paper', **_PERIODS), 1, 1),
     'kfac': (lambda d: fo.kfac(1e-3, damping=d, **_KRONECKER), -1, 1),
     'ekfac': (lambda d: fo.ekfac(1e-3, damping=d, **_KRONECKER), -1, 1),
     'tkfac': (lambda d: fo.tkfac(1e-3, damping=d, **_KRONECKER), -1, 1),
@@ -124,10 +125,12 @@ class LossScaleTest(parameterized.TestCase):
 # The library's optimizers at their defaults (periods of 1, so that three
 # steps refresh every statistic and inverse).
 _FISHER = {
-    'adafisher': lambda **kw: fo.adafisher(1e-2, **_PERIODS, **kw),
+    'adafisher': lambda **kw: fo.adafisher(
+        1e-2, mode='paper', **_PERIODS, **kw),
     'adafisher_reference': lambda **kw: fo.adafisher(
         1e-2, mode='reference', **_PERIODS, **kw),
-    'adafisherw': lambda **kw: fo.adafisherw(1e-2, **_PERIODS, **kw),
+    'adafisherw': lambda **kw: fo.adafisherw(
+        1e-2, mode='paper', **_PERIODS, **kw),
     'kfac': lambda **kw: fo.kfac(1e-3, **_KRONECKER, **kw),
     'ekfac': lambda **kw: fo.ekfac(1e-3, **_KRONECKER, **kw),
     'tkfac': lambda **kw: fo.tkfac(1e-3, **_KRONECKER, **kw),
