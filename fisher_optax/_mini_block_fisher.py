@@ -451,7 +451,7 @@ def scale_by_mini_block_fisher(
 
 
 def mini_block_fisher(
-    learning_rate: optax.ScalarOrSchedule | None = 1e-5,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     damping: jax.typing.ArrayLike = 1e-4,
     fisher_decay: jax.typing.ArrayLike = 0.9,
     momentum: jax.typing.ArrayLike = 0.9,
@@ -555,8 +555,8 @@ def mini_block_fisher(
   enough).
 
   Args:
-    learning_rate: :math:`\alpha`, a scalar or a schedule; None: the
-      adaptive step, :func:`fisher_optax.adaptive` around the
+    learning_rate: :math:`\alpha`, a scalar or a schedule; None (the
+      default): the adaptive step, :func:`fisher_optax.adaptive` around the
       preconditioner (``damping`` its initial value, ``momentum``
       unused, ``weight_decay`` an L2 term), whose ``update`` also takes
       ``value=`` and ``value_fn=`` (``docs/adaptive.md``).
