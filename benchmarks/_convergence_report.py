@@ -540,7 +540,7 @@ def write_task(task: str, records: list[Record], steps: int, ignored: int,
         + '); other runs keep the seconds they measured.'
         + (' Profiled in a later run beside Adam and scaled to the Adam '
            'profile above (ratios to Adam as measured in that run): '
-           + ', '.join(f'`{s}` (x{f:.3g})'
+           + ', '.join(f'`{s}` (x{f:.3g}{_run_note(timed, s)})'
                        for s, f in timed['rescaled'].items()) + '.'
            if timed.get('rescaled') else ''))
   lines += [
@@ -606,6 +606,15 @@ def _summary_cell(rows: dict[str, dict[str, Any]], spec: str) -> str:
   return ratios
 
 
+def _run_note(timed, spec) -> str:
+  """', blocks of P steps x R, date' of the later run that profiled spec."""
+  run = timed.get('rescaled_runs', {}).get(spec)
+  if run is None:
+    return ''
+  return (f'; {run["repeats"]} blocks of {run["period"]} steps, '
+          f'{run["date"]}')
+
+
 def _no_argument_table(summary, tasks) -> list[str]:
   """The optimizers that take no learning rate, against tuned K-FAC."""
   specs = sorted({s for rows in summary.values() for s in rows
@@ -617,11 +626,17 @@ def _no_argument_table(summary, tasks) -> list[str]:
   def cell(task, spec):
     row = summary[task].get(spec)
     kfac = summary[task].get('kfac')
+    # The same preconditioner with a tuned learning rate and damping.
+    own_name = convergence.parse_spec(spec)[0].removesuffix('_adaptive')
+    own = summary[task].get(own_name) if own_name != 'kfac' else None
     if row is None:
       return DASH
-    relative = ('' if kfac is None or not math.isfinite(
-        row['validation_loss']) else
-                f'; {row["validation_loss"] / kfac["validation_loss"]:.2f}')
+    relative = ''
+    if kfac is not None and math.isfinite(row['validation_loss']):
+      relative = f'; {row["validation_loss"] / kfac["validation_loss"]:.2f}'
+      if own is not None and math.isfinite(own['validation_loss']):
+        relative += (f' (own '
+                     f'{row["validation_loss"] / own["validation_loss"]:.2f})')
     diverged = (f', {row["metric_diverged"]} diverged'
                 if row['metric_diverged'] else '')
     return _summary_cell(summary[task], spec) + relative + diverged
@@ -632,7 +647,9 @@ def _no_argument_table(summary, tasks) -> list[str]:
       'mode as its examples configure it). Each cell: steps / seconds to '
       'Adam\'s final training loss as above; then the final validation '
       'loss as a ratio to tuned K-FAC\'s (`kfac` at its best setting, mean '
-      'over seeds).', '',
+      'over seeds) and, as "own", to that of the same preconditioner with '
+      'a tuned learning rate and damping (`ekfac` for `ekfac_adaptive`).',
+      '',
       '| optimizer | ' + ' | '.join(tasks) + ' |',
       '|---|' + '---:|' * len(tasks),
       *(f'| {spec} | ' + ' | '.join(cell(t, spec) for t in tasks) + ' |'

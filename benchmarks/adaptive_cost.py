@@ -9,7 +9,9 @@ batches, this times the jitted train step (capture included) of
 * ``fo.kfac()`` with no learning rate (the adaptive step), its quadratic
   model from the captured statistics (``captured``) or from the exact
   Gauss-Newton products (``ggn``: ``outputs_fn=``/``outputs_loss=``, one
-  ``jax.linearize`` of the model per step),
+  ``jax.linearize`` of the model per step), or from those of the first
+  quarter of the batch (``ggn, 1/4 batch``: the user slices the batch in
+  ``outputs_fn``/``outputs_loss``),
 
 each K-FAC at ``(stats_every, inverse_every)`` of ``(1, 20)`` and
 ``(10, 100)``. The adaptive step evaluates the loss after the step every
@@ -78,7 +80,8 @@ def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
     for label, curvature, tx in (
         ('kfac', None, fo.kfac(LEARNING_RATE, damping=1e-3, **common)),
         ('kfac adaptive captured', 'captured', fo.kfac(**common)),
-        ('kfac adaptive ggn', 'ggn', fo.kfac(**common))):
+        ('kfac adaptive ggn', 'ggn', fo.kfac(**common)),
+        ('kfac adaptive ggn, 1/4 batch', 'ggn/4', fo.kfac(**common))):
 
       def train_step(params, opt_state, *batch, tx=tx, curvature=curvature):
         loss, grads, stats = step_fn(params, *batch)
@@ -86,10 +89,13 @@ def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
         if curvature is not None:
           extra = dict(value=loss,
                        value_fn=lambda p: task.loss_fn(p, *batch))
-        if curvature == 'ggn':
+        if curvature in ('ggn', 'ggn/4'):
+          # 'ggn/4': the curvature products on a quarter of the batch.
+          part = batch if curvature == 'ggn' else tuple(
+              b[:task.batch_size // 4] for b in batch)
           extra.update(
-              outputs_fn=lambda p: task.outputs(p, *batch),
-              outputs_loss=lambda z: task.outputs_loss(z, *batch))
+              outputs_fn=lambda p: task.outputs(p, *part),
+              outputs_loss=lambda z: task.outputs_loss(z, *part))
         updates, opt_state = tx.update(grads, opt_state, params,
                                        layer_stats=stats, **extra)
         return optax.apply_updates(params, updates), opt_state, loss

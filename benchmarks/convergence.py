@@ -718,7 +718,8 @@ def _time_block(state, period: int) -> list[float]:
   return out
 
 
-def merge_profiles(saved: dict, settings: dict, profiles: dict) -> dict:
+def merge_profiles(saved: dict, settings: dict, profiles: dict,
+                   run: dict | None = None) -> dict:
   """Adds new step-time profiles to the saved ones of a task.
 
   When the saved file keeps specs that were not profiled again, the new
@@ -728,17 +729,24 @@ def merge_profiles(saved: dict, settings: dict, profiles: dict) -> dict:
   older specs keep theirs.
 
   Args:
-    saved: the task's saved ``settings``, ``profiles`` and (optionally)
-      ``rescaled`` (spec -> factor).
+    saved: the task's saved ``settings``, ``profiles``, (optionally)
+      ``rescaled`` (spec -> factor) and ``rescaled_runs`` (spec -> run),
+      and the ``run`` keys of the run that profiled its baseline.
     settings: spec -> ``(lr, damping)`` of the new profiles.
     profiles: spec -> seconds of each step, from one ``time_steps`` run
       that includes the baseline whenever ``saved`` has a baseline.
+    run: this run's ``period``, ``repeats``, ``xla_flags``, ``jax`` and
+      ``date``, or None to leave them out of the result.
 
   Returns:
-    the merged ``settings``, ``profiles`` and ``rescaled``.
+    the merged ``settings``, ``profiles``, ``rescaled`` and
+    ``rescaled_runs``; with ``run``, also the keys of the run that the
+    baseline profile comes from (the saved one's when this run's specs were
+    scaled to it).
   """
   rescaled = {s: f for s, f in saved.get('rescaled', {}).items()
               if s not in profiles}
+  header = run or {}
   if (BASELINE in saved['profiles']
       and set(saved['profiles']) - set(profiles)):
     if BASELINE not in profiles:
@@ -750,9 +758,16 @@ def merge_profiles(saved: dict, settings: dict, profiles: dict) -> dict:
                 if s != BASELINE}
     settings = {s: v for s, v in settings.items() if s != BASELINE}
     rescaled.update({s: factor for s in profiles})
-  return {'settings': {**saved['settings'], **settings},
+    if run is not None:
+      header = {k: saved[k] for k in run if k in saved}
+  runs = {s: r for s, r in saved.get('rescaled_runs', {}).items()
+          if s in rescaled}
+  if run is not None:
+    runs.update({s: run for s in profiles if s in rescaled})
+  return {**header,
+          'settings': {**saved['settings'], **settings},
           'profiles': {**saved['profiles'], **profiles},
-          'rescaled': rescaled}
+          'rescaled': rescaled, 'rescaled_runs': runs}
 
 
 def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
@@ -777,13 +792,13 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
     settings[BASELINE] = tuple(saved['settings'][BASELINE])
   task = tasks_lib.TASKS[task_name]('full')
   profiles = time_steps(task, settings, period, repeats)
-  merged = merge_profiles(saved, settings, profiles)
+  run = {'period': period, 'repeats': repeats,
+         'xla_flags': os.environ.get('XLA_FLAGS', ''),
+         'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+  merged = merge_profiles(saved, settings, profiles, run)
   os.makedirs(out_dir, exist_ok=True)
   with open(path, 'w') as f:
-    json.dump({'task': task_name, 'period': period, 'repeats': repeats,
-               'xla_flags': os.environ.get('XLA_FLAGS', ''),
-               'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-               **merged}, f, indent=1)
+    json.dump({'task': task_name, **merged}, f, indent=1)
   for spec, prof in profiles.items():
     print(f'  {task_name} {spec}: {np.mean(prof) * 1e3:.2f} ms per step '
           f'(median step {np.median(prof) * 1e3:.2f} ms)', flush=True)

@@ -77,6 +77,27 @@ class MergeProfilesTest(absltest.TestCase):
     self.assertEqual(merged['profiles']['kfac'], [4.0, 6.0])
     self.assertEqual(merged['rescaled'], {})
 
+  def test_the_file_describes_its_baseline_run_and_each_later_one(self):
+    first = {'period': 100, 'repeats': 2, 'date': '2026-01-01'}
+    later = {'period': 40, 'repeats': 3, 'date': '2026-02-01'}
+    saved = convergence.merge_profiles(
+        {'settings': {}, 'profiles': {}}, dict(self.SAVED['settings']),
+        dict(self.SAVED['profiles']), first)
+    self.assertEqual(saved['period'], 100)
+    merged = convergence.merge_profiles(
+        saved, {'adam': (1e-3, None), 'ekfac': (1e-2, 1e-1)},
+        {'adam': [0.5, 1.5], 'ekfac': [4.0, 6.0]}, later)
+    # The baseline (and kfac) were profiled in the first run.
+    self.assertEqual((merged['period'], merged['repeats']), (100, 2))
+    self.assertEqual(merged['rescaled_runs'], {'ekfac': later})
+    # Profiling everything again makes this run the file's run.
+    again = convergence.merge_profiles(
+        merged, {'adam': (1e-3, None), 'kfac': (1e-3, 1e-2),
+                 'ekfac': (1e-2, 1e-1)},
+        {'adam': [1.0], 'kfac': [2.0], 'ekfac': [3.0]}, later)
+    self.assertEqual(again['period'], 40)
+    self.assertEqual(again['rescaled_runs'], {})
+
   def test_a_later_profile_needs_the_baseline(self):
     with self.assertRaisesRegex(ValueError, "'adam'"):
       convergence.merge_profiles(self.SAVED, {'ekfac': (1e-2, 1e-1)},

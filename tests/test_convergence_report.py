@@ -102,6 +102,11 @@ def resnet_records():
   # Reaches at 30 on every seed; validation 0.4 against K-FAC's 0.8.
   rs += [record(task='resnet', optimizer='kfac_adaptive', lr=None, seed=s,
                 drop=20, lo=0.3, val=0.4) for s in range(3)]
+  # Tuned MBF at 0.5; MBF with no learning rate at 0.6, never reaching.
+  rs += [record(task='resnet', optimizer='mbf', lr=1e-3, damping=1e-4,
+                seed=s, val=0.5) for s in range(3)]
+  rs += [record(task='resnet', optimizer='mbf_adaptive', lr=None, seed=s,
+                lo=0.9, val=0.6) for s in range(3)]
   return rs
 
 
@@ -185,6 +190,9 @@ class ConvergenceReportTest(absltest.TestCase):
     # Columns cnn, regression, resnet: steps 30 / Adam's 110, seconds the
     # same ratio; validation 0.4 / tuned K-FAC's 0.8.
     self.assertIn('| kfac_adaptive | — | — | 0.27 / 0.27; 0.50 |',
+                  self.summary_md)
+    # Against tuned K-FAC (0.6 / 0.8) and against tuned MBF (0.6 / 0.5).
+    self.assertIn('| mbf_adaptive | — | — | never; 0.75 (own 1.20) |',
                   self.summary_md)
 
   def test_variants_table(self):
