@@ -58,7 +58,8 @@ def make(name, **kwargs):
     return fo.adafisher(1e-2, damping=1e-3, mode='reference', stats_every=2,
                         **kwargs)
   if name in ('adafisher', 'adafisherw'):
-    return getattr(fo, name)(1e-2, damping=0.1, stats_every=2, **kwargs)
+    return getattr(fo, name)(1e-2, damping=0.1, mode='paper', stats_every=2,
+                             **kwargs)
   if name == 'mini_block_fisher':
     return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
                                 **kwargs)

@@ -39,11 +39,11 @@ STEPS = 5
 BATCH = 8
 
 # Learning rates at the default dampings that lower every model's loss
-# within 5 steps: AdaFisher's and MBF's are their defaults, the Kronecker
-# family's is in natural-gradient units (docs/choosing.md).
+# within 5 steps: AdaFisher's is its default, MBF's its former fixed one,
+# the Kronecker family's is in natural-gradient units (docs/choosing.md).
 LEARNING_RATES = {
-    'adafisher': 1e-2,
-    'adafisherw': 1e-2,
+    'adafisher': 1e-3,
+    'adafisherw': 1e-3,
     'kfac': 1e-3,
     'ekfac': 1e-3,
     'tkfac': 1e-3,

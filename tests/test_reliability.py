@@ -45,10 +45,12 @@ _KRONECKER = {'kfac': fo.kfac, 'tkfac': fo.tkfac, 'ekfac': fo.ekfac,
 # 1e-2 keeps the float32 solves within 1e-4 of float64 (theme d).
 _D = 1e-2
 _OPTIMIZERS = {
-    'adafisher': (fo.adafisher, dict(learning_rate=1e-3, stats_every=1)),
+    'adafisher': (fo.adafisher, dict(learning_rate=1e-3, stats_every=1,
+                                     mode='paper')),
     'adafisher_reference': (fo.adafisher, dict(
         learning_rate=1e-3, stats_every=1, mode='reference')),
-    'adafisherw': (fo.adafisherw, dict(learning_rate=1e-3, stats_every=1)),
+    'adafisherw': (fo.adafisherw, dict(learning_rate=1e-3, stats_every=1,
+                                       mode='paper')),
     **{name: (f, dict(learning_rate=1e-2, inverse_every=1))
        for name, f in _KRONECKER.items()},
     'kfac_eigen': (fo.kfac, dict(learning_rate=1e-2, inverse_every=1,
