@@ -55,7 +55,7 @@ class ApiTest(parameterized.TestCase):
     y = jnp.sum(x, axis=1, keepdims=True)
     loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
     step_fn = fo.nnx.value_grad_and_stats(loss_fn)
-    optimizer = nnx.Optimizer(model, fo.adafisher(1e-2), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, fo.adafisher(), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
