@@ -22,6 +22,10 @@ the last parameter axis):
   ``scale = minmax(H_D) / range(S_D)``), refreshed with the statistics.
   Subtracting the minimum before scaling keeps ``F >= damping`` in float32
   even when ``S_D`` spans a tiny range.
+* ``captured`` ``()`` bool: a captured layer has preconditioned the leaf.
+  A layer missing from a later step's statistics keeps its curvature (the
+  ``s`` slot then holds ``S_D``, not the fallback's second moment), as the
+  Kronecker family keeps its inverses.
 
 Everything is allocated from the parameters alone, so ``init(params)`` needs
 no statistics, and uses about the memory of Adam. Nothing about the model is
@@ -86,6 +90,9 @@ class ScaleByAdaFisherState(NamedTuple):
   scale: optax.Updates  # F = scale*(s - shift) + damping, shape P[:-1]+(1,).
   shift: optax.Updates
   nonfinite: jax.Array  # shape=(), int32: refreshes skipped for NaN/Inf.
+  # shape=() bool per leaf: a captured layer has preconditioned it, so its
+  # slots hold curvature (kept when the layer is missing from a step).
+  captured: optax.Updates
 
 
 def _slot_shape(shape):
@@ -317,8 +324,9 @@ def update_momentum(grads, mu, b1):
           else m for g, m in zip(grads, mu)]
 
 
-def precondition(grads, mu, curv: Curvature, covered: set[int], count_inc,
-                 *, b1, damping, fallback: str, fallback_b2, fallback_eps):
+def precondition(grads, mu, curv: Curvature, covered: set[int], captured,
+                 count_inc, *, b1, damping, fallback: str, fallback_b2,
+                 fallback_eps):
   """``m_hat / F`` for every leaf.
 
   Args:
@@ -326,6 +334,10 @@ def precondition(grads, mu, curv: Curvature, covered: set[int], count_inc,
     mu: the new first moments (leaves).
     curv: the curvature slots (leaves).
     covered: indices of the leaves a captured layer preconditions.
+    captured: per leaf, whether a captured layer preconditioned it on an
+      earlier step: an uncovered leaf that was captured keeps its stored
+      curvature (its layer is missing from this step's statistics) instead
+      of taking the fallback.
     count_inc: steps taken including this one.
     b1: momentum decay, for the bias correction.
     damping: added to the normalised Fisher.
@@ -349,17 +361,20 @@ def precondition(grads, mu, curv: Curvature, covered: set[int], count_inc,
       continue
     bias_mu = 1 - b1 ** count_inc.astype(_base.stats_dtype(m))
     m_hat = m / bias_mu.astype(m.dtype)
+    stored = curv.scale[i] * (s[i] - curv.shift[i]) + damping
     if i in covered:
-      u = m_hat / (curv.scale[i] * (s[i] - curv.shift[i]) + damping)
-    elif fallback == 'adam':
-      s[i], denom = _base.adam_denominator(
-          jnp.where(count_inc == 1, 0.0, s[i]), g, count_inc, fallback_b2,
-          fallback_eps)
-      u = m_hat / denom
-    elif fallback == 'momentum':
-      u = m_hat
+      u = m_hat / stored
     else:
-      u = m_hat / damping
+      if fallback == 'adam':
+        nu, denom = _base.adam_denominator(
+            jnp.where(count_inc == 1, 0.0, s[i]), g, count_inc, fallback_b2,
+            fallback_eps)
+        s[i] = jnp.where(captured[i], s[i], nu)
+      elif fallback == 'momentum':
+        denom = jnp.ones([], m_hat.dtype)
+      else:
+        denom = jnp.asarray(damping, m_hat.dtype)
+      u = m_hat / jnp.where(captured[i], stored, denom)
     out.append(u.astype(g.dtype))
   return out, s
 
@@ -445,6 +460,7 @@ def scale_by_adafisher(
         scale=jax.tree.map(slot(_slot_shape), params),
         shift=jax.tree.map(lambda p: slot(_slot_shape)(p) * 0, params),
         nonfinite=jnp.zeros([], jnp.int32),
+        captured=jax.tree.map(lambda _: jnp.zeros([], jnp.bool_), params),
     )
 
   @_sharding.with_auto_axes
@@ -471,14 +487,18 @@ def scale_by_adafisher(
           lambda c: (c, jnp.zeros([], jnp.bool_)), curv)
       nonfinite = nonfinite + bad.astype(jnp.int32)
     covered = {i for names in layers.values() for i in names.values()}
-    out, s = precondition(grads, mu, curv, covered, count_inc, b1=b1,
-                          damping=damping, fallback=fallback,
+    captured = leaves(state.captured)
+    out, s = precondition(grads, mu, curv, covered, captured, count_inc,
+                          b1=b1, damping=damping, fallback=fallback,
                           fallback_b2=fallback_b2, fallback_eps=fallback_eps)
+    captured = [c if _base.is_masked(c) else c | (i in covered)
+                for i, c in enumerate(captured)]
     unflatten = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return unflatten(out), ScaleByAdaFisherState(
         count=count_inc, mu=unflatten(mu), h=unflatten(curv.h),
         s=unflatten(s), scale=unflatten(curv.scale),
-        shift=unflatten(curv.shift), nonfinite=nonfinite)
+        shift=unflatten(curv.shift), nonfinite=nonfinite,
+        captured=unflatten(captured))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -360,6 +360,61 @@ class FrozenAndForeignTest(parameterized.TestCase):
       np.testing.assert_array_equal(_flat(updates)[path],
                                     frozen(_flat(grads)[path]), path)
 
+  @parameterized.parameters(itertools.product(
+      ('adafisher', 'adafisherw'), ('paper', 'reference'), ('adam', 'damping')))
+  def test_layer_missing_later_keeps_its_curvature(self, name, mode,
+                                                   fallback):
+    """Captured on step 0, missing on step 1: stored curvature, no refresh.
+
+    The reference refreshes on even steps only and sees Dense_1 on both:
+    on step 1 it preconditions Dense_1 with the curvature of step 0, which
+    the run without Dense_1's statistics must reproduce (it took the
+    fallback before, and the Adam fallback overwrote ``s``). A layer never
+    captured still takes the fallback.
+    """
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    params = Mlp().init(jax.random.key(1), x)['params']
+    loss = lambda p: jnp.mean(jnp.sin(Mlp().apply({'params': p}, x)) ** 2)
+    step_fn = jax.jit(fo.linen.value_grad_and_stats(loss))
+
+    def run(drop, every, steps=2, drop_from=1):
+      tx = getattr(fo, name)(0.1, damping=0.1, weight_decay=0.0, mode=mode,
+                             stats_every=every, fallback=fallback)
+      update = jax.jit(lambda g, s, p, st: tx.update(g, s, p,
+                                                     layer_stats=st))
+      p, state, history = params, tx.init(params), []
+      for step in range(steps):
+        _, grads, stats = step_fn(p)
+        if step >= drop_from and drop:
+          stats = {k: v for k, v in stats.items() if k != 'Dense_1'}
+        updates, state = update(grads, state, p, stats)
+        history.append((updates, _inner(state)))
+        p = optax.apply_updates(p, updates)
+      return history
+
+    got, want = run(True, 1), run(False, 2)
+    (_, before), (updates, after) = got
+    for leaf in ('kernel', 'bias'):
+      w = _np(want[1][0]['Dense_1'][leaf])
+      assert_close(updates['Dense_1'][leaf], w, rtol=1e-5,
+                   err_msg=f'Dense_1 {leaf}')
+      for slot in ('h', 's', 'scale', 'shift'):
+        np.testing.assert_array_equal(
+            getattr(after, slot)['Dense_1'][leaf],
+            getattr(before, slot)['Dense_1'][leaf], err_msg=slot)
+      self.assertTrue(bool(after.captured['Dense_1'][leaf]))
+    # Dense_0 refreshed on step 1.
+    self.assertFalse(np.array_equal(after.s['Dense_0']['kernel'],
+                                    before.s['Dense_0']['kernel']))
+    # Never captured: the fallback, as fo.coverage says.
+    (updates, state), = run(True, 1, steps=1, drop_from=0)
+    self.assertFalse(bool(state.captured['Dense_1']['kernel']))
+    g = _np(step_fn(params)[1]['Dense_1']['kernel'])
+    # The first step: m_hat = g; Adam's denominator |g| + eps, else damping.
+    denom = np.abs(g) + 1e-8 if fallback == 'adam' else 0.1
+    want = -0.1 * g / denom
+    assert_close(updates['Dense_1']['kernel'], want, rtol=1e-5)
+
   def test_one_optimizer_two_models(self):
     tx = fo.adafisher(1e-3, stats_every=1)
     update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, layer_stats=st))
