@@ -372,9 +372,9 @@ def _spread(fn: Callable[..., Any], axis: str, stack: jax.Array,
     raise ValueError(
         f'spread_inverses={axis!r}: no mesh axis {axis!r} is in context '
         f'(mesh: {None if mesh.empty else dict(mesh.shape)}). Call the '
-        'update under `jax.set_mesh(mesh)` (jit with shardings) or inside '
-        '`jax.shard_map` over a mesh with that axis, or leave '
-        'spread_inverses=None.')
+        'update under `jax.set_mesh(mesh)` (jit with shardings), on arrays '
+        'placed on a mesh with Explicit axes, or inside `jax.shard_map` '
+        'over a mesh with that axis, or leave spread_inverses=None.')
   kind = dict(zip(mesh.axis_names, mesh.axis_types))[axis]
   if kind == jax.sharding.AxisType.Manual:
     n = mesh.shape[axis]

@@ -34,6 +34,22 @@ def _all_arrays(tree: Any) -> bool:
   return all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))
 
 
+def _typed_mesh(tree: Any) -> jax.sharding.AbstractMesh | None:
+  """The mesh with Explicit axes that the arrays of ``tree`` are typed on.
+
+  None when no array is typed on such a mesh (plain arrays, Auto axes).
+  """
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array):
+      continue
+    sharding = jax.typeof(leaf).sharding
+    mesh = getattr(sharding, 'mesh', None)
+    if (isinstance(mesh, jax.sharding.AbstractMesh) and not mesh.empty
+        and mesh.explicit_axes):
+      return mesh
+  return None
+
+
 def with_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   """``update_fn`` run with the mesh's Explicit axes made Auto.
 
@@ -50,6 +66,12 @@ def with_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   those of the old. The same code as under Auto axes thus runs under
   both, and both are tested against one device.
 
+  The mesh is the context's (``jax.set_mesh``) or, without one, the mesh
+  in the arguments' types: JAX lets a user place arrays with
+  ``jax.device_put(x, NamedSharding(mesh, P('data')))`` or
+  ``jax.make_array_from_process_local_data`` and call a jitted step with
+  no mesh set, and the update then runs under that mesh as if it were set.
+
   Without a mesh, under Auto axes or inside ``shard_map`` (Manual axes)
   the update runs as it is.
   """
@@ -57,6 +79,11 @@ def with_auto_axes(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(update_fn)
   def wrapped(updates, state, params=None, **extra_args):
     mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      typed = _typed_mesh((updates, state, params, extra_args))
+      if typed is not None:
+        with jax.sharding.use_abstract_mesh(typed):
+          return wrapped(updates, state, params, **extra_args)
     if mesh.empty or not mesh.explicit_axes:
       return update_fn(updates, state, params, **extra_args)
     # auto_axes re-types its positional array arguments only; extra

@@ -210,10 +210,30 @@ def explicit(name, results, facts):
       results.setdefault('explicit_shard_map', {})[name] = shard_mapped(
           explicit_mesh, name, True, jax.device_put(X, batch),
           jax.device_put(Y, batch))
+  results.setdefault('typed', {})[name] = typed(explicit_mesh, name)
+  if name == 'kfac':
+    results.setdefault('typed_spread', {})[name] = typed(
+        explicit_mesh, name, spread_inverses='data')
   if name in ADAPTIVE:  # its update needs the loss: no FSDP-only update
     return
   results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
       explicit_mesh, name, facts)
+
+
+def typed(mesh, name, **kwargs):
+  """Arrays placed on an Explicit mesh and no ``jax.set_mesh``.
+
+  JAX lets a user call a jitted step on arrays whose shardings name the
+  mesh (``jax.device_put`` with a ``NamedSharding``) without setting it:
+  the mesh travels in the arrays' types, and the update must find it there.
+  """
+  tx = make(name, **kwargs)
+  assert jax.sharding.get_abstract_mesh().empty
+  params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
+  batch = NamedSharding(mesh, P('data'))
+  return train(tx, jax.jit(functools.partial(step, tx)), params,
+               tx.init(params), jax.device_put(X, batch),
+               jax.device_put(Y, batch))[0]
 
 
 def explicit_fsdp(mesh, name, facts):
@@ -299,8 +319,10 @@ def main(group, out):
     name = 'kfac_reduce'
     results['single'][name] = single(name)
     results.setdefault('jit', {})[name] = data_parallel(mesh, name)
+    explicit_mesh = jax.make_mesh((DEVICES,), ('data',))
     results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
-        jax.make_mesh((DEVICES,), ('data',)), name, facts)
+        explicit_mesh, name, facts)
+    results.setdefault('typed', {})[name] = typed(explicit_mesh, name)
   try:
     tx = make('kfac', spread_inverses='data')
     jax.jit(functools.partial(step, tx))(PARAMS, tx.init(PARAMS), X, Y)

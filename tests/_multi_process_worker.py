@@ -9,11 +9,12 @@ collectives over 127.0.0.1). Usage, in each process::
 OPTIMIZERS is a comma-separated list. GROUP is one of:
 
 * ``equality``: for each optimizer, five steps of a small CNN under each way
-  of using the 4 devices (``jit`` with the batch sharded, ``shard_map`` with
-  ``axis_name``, ``spread_inverses`` over the axis that crosses the
-  processes, FSDP-sharded kernels with ``fo.state_shardings``), and five
-  steps on one local device with the whole batch. Every process saves the
-  parameters and the optimizer state of each (gathered whole) to
+  of using the 4 devices (``jit`` with the batch sharded, on an Auto mesh
+  and, ``typed``, on an Explicit one known only from the arrays' types,
+  ``shard_map`` with ``axis_name``, ``spread_inverses`` over the axis that
+  crosses the processes, FSDP-sharded kernels with ``fo.state_shardings``),
+  and five steps on one local device with the whole batch. Every process
+  saves the parameters and the optimizer state of each (gathered whole) to
   ``OUT_DIR/<group>_<process>.npz``.
 * ``checkpoint``: FSDP, two steps, an Orbax checkpoint written by both
   processes, then (a) three more steps, and (b) the checkpoint restored
@@ -132,6 +133,18 @@ def data_parallel(mesh, name, steps=STEPS, **kwargs):
   return train(jax.jit(functools.partial(step, tx)),
                replicated(mesh, PARAMS), replicated(mesh, tx.init(PARAMS)),
                x, y, steps)
+
+
+def typed(name):
+  """``jax.make_mesh``'s Explicit axes, the mesh only in the arrays' types.
+
+  No ``jax.set_mesh``: the global batch from
+  ``jax.make_array_from_process_local_data`` and the replicated parameters
+  name the mesh, and the update must find it there.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+  return data_parallel(mesh, name)
 
 
 def spread_jit(mesh, name):
@@ -297,6 +310,7 @@ def main(group, out_dir, names):
     if group == 'equality':
       add(arrays, f'single/{name}', single(name))
       add(arrays, f'jit/{name}', data_parallel(mesh, name))
+      add(arrays, f'typed/{name}', typed(name))
       add(arrays, f'shard_map/{name}', shard_mapped(mesh, name))
       add(arrays, f'fsdp/{name}', fsdp(mesh, name))
       if name in SPREAD:

@@ -167,7 +167,9 @@ class ExplicitMeshTest(_WorkerTest):
   Regression: the Kronecker family crashed with a ``ShardingTypeError`` on
   ``jax.make_mesh``'s mesh (the statistics' sums over the batch-sharded
   axis did not say how their output is sharded), the recipe that
-  docs/multi_device.md gives for several hosts.
+  docs/multi_device.md gives for several hosts; and again (``typed``) when
+  the arrays were placed on that mesh and no ``jax.set_mesh`` was in
+  context, the mesh known only from the arrays' types.
   """
   GROUP = 'explicit'
 
@@ -178,6 +180,12 @@ class ExplicitMeshTest(_WorkerTest):
       for mode in ('mlp_auto', 'mlp_explicit'):
         with self.subTest(mode, optimizer=name):
           self.assert_same_params(mode, name, ref='mlp_single')
+    for name in OPTIMIZERS + ADAPTIVE + ('kfac_reduce',):
+      with self.subTest('typed on an Explicit mesh, no set_mesh',
+                        optimizer=name):
+        self.assert_same_params('typed', name)
+    with self.subTest('spread_inverses, typed, no set_mesh'):
+      self.assert_same_params('typed_spread', 'kfac')
     for name in OPTIMIZERS:
       for mode in ('mlp_auto', 'mlp_explicit'):
         with self.subTest(mode, optimizer=name):

@@ -106,7 +106,7 @@ class _EqualityTest(parameterized.TestCase):
     first, second = self.results
     np.testing.assert_array_equal(first['facts/devices'], [2, 4, 2])
     for name in self.NAMES:
-      modes = ['jit', 'shard_map', 'fsdp']
+      modes = ['jit', 'typed', 'shard_map', 'fsdp']
       if name in SPREAD:
         modes += ['spread_jit', 'spread_shard_map']
       want = leaves(first, f'single/{name}/')
