@@ -26,6 +26,8 @@ import numpy as np
 
 import fisher_optax as fo
 
+import _fast_compile
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = pathlib.Path(__file__).resolve().parent / '_multi_device_worker.py'
 OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
@@ -45,8 +47,10 @@ def run_worker(group: str) -> dict[str, np.ndarray]:
   # machine a device can reach a collective long after the others, and
   # XLA's default 40 s before it aborts the process is not enough.
   env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-             '--xla_cpu_collective_call_terminate_timeout_seconds=900',
+             XLA_FLAGS=_fast_compile.xla_flags(
+                 '--xla_force_host_platform_device_count=8',
+                 '--xla_cpu_collective_call_terminate_timeout_seconds=900',
+                 base=''),
              JAX_PLATFORMS='cpu',
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
                  'PYTHONPATH', ''))

@@ -29,6 +29,8 @@ from absl.testing import parameterized
 import numpy as np
 import pytest
 
+import _fast_compile
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = pathlib.Path(__file__).resolve().parent / '_multi_process_worker.py'
 _spec = importlib.util.spec_from_file_location(
@@ -147,8 +149,9 @@ class CheckpointTest(parameterized.TestCase):
     # 2 -> 1: one process, one device, restores the two processes' files.
     proc = subprocess.run(
         [sys.executable, str(WORKER), 'restore', out, ','.join(self.NAMES)],
-        env=env(JAX_PLATFORMS='cpu', XLA_FLAGS=''), capture_output=True,
-        text=True, timeout=600, check=False)
+        env=env(JAX_PLATFORMS='cpu',
+                XLA_FLAGS=_fast_compile.xla_flags(base='')),
+        capture_output=True, text=True, timeout=600, check=False)
     self.assertIn('WORKER OK', proc.stdout, proc.stdout[-2000:]
                   + proc.stderr[-4000:])
     one = load(os.path.join(out, 'restore_0.npz'))
@@ -271,7 +274,8 @@ class LauncherTest(parameterized.TestCase):
                      [['0', '3'], ['1', '3'], ['2', '3']])
     self.assertEqual(len({line[2] for line in lines}), 1)
     self.assertTrue(lines[0][2].startswith('127.0.0.1:'))
-    self.assertIn('--xla_force_host_platform_device_count=2', lines[0][3])
+    self.assertIn('--xla_force_host_platform_device_count=2',
+                  ' '.join(lines[0][3:]))
 
   def test_failure_stops_the_others_and_their_children(self):
     # Process 0 starts a grandchild and sleeps; process 1 fails at once.

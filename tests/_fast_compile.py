@@ -1,0 +1,35 @@
+"""XLA settings that make the test suite's compiles cheap on a CPU.
+
+XLA's backend compile is most of this suite's time on a CPU: 75% of a
+test file's seconds (tests/test_loss_scale.py: 58 of 77 s in 84 compiles),
+tracing and running the small models the rest. The tests check the numbers
+of small models, not the speed of XLA's optimised code, so they compile
+with LLVM at -O0, without XLA's MLIR fusion emitters and without LLVM's
+expensive passes: the whole suite runs about three times faster, with the
+same library code. Worker processes (forced devices, several processes)
+get the same flags through :func:`xla_flags`.
+
+``FISHER_OPTAX_TEST_XLA_DEFAULT=1`` runs everything with XLA's defaults.
+"""
+
+import os
+
+FLAGS = ('--xla_backend_optimization_level=0',
+         '--xla_cpu_use_fusion_emitters=false',
+         '--xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(*extra: str, base: str | None = None) -> str:
+  """``base`` (default: ``$XLA_FLAGS``) with the fast flags and ``extra``.
+
+  A flag already in ``base`` keeps its value.
+  """
+  base = os.environ.get('XLA_FLAGS', '') if base is None else base
+  flags = base.split()
+  names = {f.split('=', 1)[0] for f in flags}
+  chosen = () if os.environ.get('FISHER_OPTAX_TEST_XLA_DEFAULT') else FLAGS
+  for flag in (*chosen, *extra):
+    if flag.split('=', 1)[0] not in names:
+      flags.append(flag)
+      names.add(flag.split('=', 1)[0])
+  return ' '.join(flags)
