@@ -4,9 +4,9 @@ XLA's backend compile is most of this suite's time on a CPU: 75% of a
 test file's seconds (tests/test_loss_scale.py: 58 of 77 s in 84 compiles),
 tracing and running the small models the rest. The tests check the numbers
 of small models, not the speed of XLA's optimised code, so they compile
-with LLVM at -O0, without XLA's MLIR fusion emitters and without LLVM's
-expensive passes: the whole suite runs about three times faster, with the
-same library code. Worker processes (forced devices, several processes)
+with LLVM at -O0, without XLA's MLIR fusion emitters, without LLVM's
+expensive passes and without parallel codegen: the whole suite runs about
+three times faster, with the same library code. Worker processes (forced devices, several processes)
 get the same flags through :func:`xla_flags`.
 
 ``FISHER_OPTAX_TEST_XLA_DEFAULT=1`` runs everything with XLA's defaults.
@@ -16,7 +16,10 @@ import os
 
 FLAGS = ('--xla_backend_optimization_level=0',
          '--xla_cpu_use_fusion_emitters=false',
-         '--xla_llvm_disable_expensive_passes=true')
+         '--xla_llvm_disable_expensive_passes=true',
+         # One LLVM module per program: splitting a small program for
+         # parallel codegen costs more than it saves on two cores.
+         '--xla_cpu_parallel_codegen_split_count=1')
 
 
 def xla_flags(*extra: str, base: str | None = None) -> str:
