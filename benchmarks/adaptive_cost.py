@@ -7,11 +7,13 @@ batches, this times the jitted train step (capture included) of
 * ``optax.adam`` and ``optax.contrib.muon`` on ``jax.value_and_grad``;
 * ``fo.kfac`` with a fixed learning rate and damping;
 * ``fo.kfac()`` with no learning rate (the adaptive step), its quadratic
-  model from the captured statistics (``captured``) or from the exact
-  Gauss-Newton products (``ggn``: ``outputs_fn=``/``outputs_loss=``, one
-  ``jax.linearize`` of the model per step), or from those of the first
-  quarter of the batch (``ggn, 1/4 batch``: the user slices the batch in
-  ``outputs_fn``/``outputs_loss``),
+  model from the exact Gauss-Newton products of the capture step's own
+  linearization (``one pass``: ``tx.update(..., layer_stats=stats)``, the
+  recommended form), from the captured statistics (``captured``), from the
+  Gauss-Newton products by hand (``ggn``: ``outputs_fn=``/``outputs_loss=``,
+  a second ``jax.linearize`` of the model, so a second primal pass, per
+  step), or from those of the first quarter of the batch (``ggn, 1/4
+  batch``: the user slices the batch in ``outputs_fn``/``outputs_loss``),
 
 each K-FAC at ``(stats_every, inverse_every)`` of ``(1, 20)`` and
 ``(10, 100)``. The adaptive step evaluates the loss after the step every
@@ -29,12 +31,15 @@ repeat. A block of 100 holds whole periods of every refresh, so its mean is
 the amortised time per step. ``overhead`` is the median over repeats of the
 per-repeat ratio of an adaptive step to the fixed step of its own library
 (``kfac``, or ``kfac_jax`` without its adaptive options) with the same
-periods, minus one.
+periods, minus one. ``temp MiB`` is the compiled step's temporary
+buffers (XLA's ``memory_analysis``), the part of its peak memory that the
+optimizer's own work changes.
 
 Usage::
 
   python benchmarks/adaptive_cost.py [--tasks cnn,resnet,transformer]
-      [--repeats 3] [--block 100]
+      [--repeats 3] [--block 100] [--periods 1,20/10,100]
+      [--optimizers adam,kfac,"kfac adaptive one pass",...]
 """
 
 import argparse
@@ -62,8 +67,13 @@ def _jit(step):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
-  """Every optimizer on ``task``'s first batch, compiled and warmed up."""
+def make_runners(task: tasks_lib.Task, periods_list=PERIODS,
+                 labels=None) -> list[_common.Runner]:
+  """The optimizers on ``task``'s first batch, compiled and warmed up.
+
+  ``labels``: the runners to build (all when None).
+  """
+  wanted = lambda label: labels is None or label in labels
   batch = next(task.batches(0))
   params = task.init(0)
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
@@ -71,22 +81,27 @@ def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
   runners = []
   for name, tx in (('adam', optax.adam(LEARNING_RATE)),
                    ('muon', optax.contrib.muon(LEARNING_RATE))):
+    if not wanted(name):
+      continue
     runners.append(_common.optax_runner(
         name, None, tx, _common.make_gradient_step(tx, task.loss_fn, True),
         params, batch))
-  for periods in PERIODS:
+  for periods in periods_list:
     common = dict(stats_every=periods[0], inverse_every=periods[1],
                   layers=layers, loss_reduction=task.loss_reduction)
     for label, curvature, tx in (
         ('kfac', None, fo.kfac(LEARNING_RATE, damping=1e-3, **common)),
+        ('kfac adaptive one pass', 'linearized', fo.kfac(**common)),
         ('kfac adaptive captured', 'captured', fo.kfac(**common)),
         ('kfac adaptive ggn', 'ggn', fo.kfac(**common)),
         ('kfac adaptive ggn, 1/4 batch', 'ggn/4', fo.kfac(**common))):
+      if not wanted(label):
+        continue
 
       def train_step(params, opt_state, *batch, tx=tx, curvature=curvature):
         loss, grads, stats = step_fn(params, *batch)
         extra = {}
-        if curvature is not None:
+        if curvature not in (None, 'linearized'):
           extra = dict(value=loss,
                        value_fn=lambda p: task.loss_fn(p, *batch))
         if curvature in ('ggn', 'ggn/4'):
@@ -102,17 +117,19 @@ def make_runners(task: tasks_lib.Task) -> list[_common.Runner]:
 
       runners.append(_common.optax_runner(label, periods, tx,
                                           _jit(train_step), params, batch))
-  runners.extend(kfac_jax_runners(task, params, batch))
+  if wanted('kfac_jax') or wanted('kfac_jax adaptive'):
+    runners.extend(kfac_jax_runners(task, params, batch, periods_list))
   _common.warm_up(runners, WARMUP)
   return runners
 
 
-def kfac_jax_runners(task, params, batch) -> list[_common.Runner]:
+def kfac_jax_runners(task, params, batch, periods_list=PERIODS
+                     ) -> list[_common.Runner]:
   """kfac-jax fixed and adaptive at each period, where it runs ``task``."""
   if task.kfac_jax_loss is None or _kfac_jax.import_kfac_jax() is None:
     return []
   runners = []
-  for periods in PERIODS:
+  for periods in periods_list:
     kwargs = dict(stats_every=periods[0], inverse_every=periods[1])
     for label, adaptive in (('kfac_jax', False),
                             ('kfac_jax adaptive', True)):
@@ -143,12 +160,28 @@ def _stepper_runner(label, periods, compiled, params, batch):
   return _common.Runner(label, periods, run, sync, lambda: None)
 
 
+def _temp_mib(runner) -> str:
+  compiled = getattr(runner, 'compiled', None)
+  memory = None if compiled is None else compiled.memory_analysis()
+  if memory is None:
+    return ''
+  return f'{memory.temp_size_in_bytes / 2**20:.1f}'
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--tasks', default='cnn,resnet,transformer')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--block', type=int, default=100)
+  parser.add_argument('--periods', default='1,20/10,100',
+                      help='(stats_every, inverse_every) pairs, /-separated')
+  parser.add_argument('--optimizers', default=None,
+                      help='comma-separated runner labels (default: all)')
   args = parser.parse_args(argv)
+  periods_list = tuple(tuple(int(n) for n in p.split(','))
+                       for p in args.periods.split('/'))
+  labels = None if args.optimizers is None else set(
+      args.optimizers.split(','))
   print(f'JAX {jax.__version__} on {jax.default_backend()} '
         f'({platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs), XLA_FLAGS='
@@ -156,7 +189,7 @@ def main(argv=None) -> None:
         f'repeats of {args.block}-step blocks\n')
   for name in args.tasks.split(','):
     task = tasks_lib.TASKS[name]('full')
-    runners = make_runners(task)
+    runners = make_runners(task, periods_list, labels)
     times = _common.interleaved(runners, args.repeats, args.block)
     # Each adaptive step against the fixed step of its own library.
     fixed = {(r.label, r.periods): i for i, r in enumerate(runners)
@@ -170,10 +203,11 @@ def main(argv=None) -> None:
               f'{100 * (ratio(times[fixed[base, r.periods]]) - 1):+.0f}%')
       rows.append((r.label, '' if r.periods is None else str(r.periods),
                    f'{1e3 * statistics.median(t):.1f}',
-                   f'{ratio(times[0]):.2f}', over))
+                   f'{ratio(times[0]):.2f}', over, _temp_mib(r)))
     print(f'### {name} (batch {task.batch_size})\n')
     _common.print_table(('optimizer', '(stats, inverse)', 'ms/step',
-                         'ratio to adam', 'overhead vs fixed'), rows)
+                         'ratio to adam', 'overhead vs fixed', 'temp MiB'),
+                        rows)
     print()
 
 

@@ -6,7 +6,8 @@ parameters on the same sequence of batches, for the same number of steps:
 * ``fo.kfac()`` with no arguments: K-FAC whose learning rate, momentum and
   damping come from the local quadratic model every step
   (``docs/adaptive.md``), with the exact Gauss-Newton products of the
-  model's outputs (``outputs_fn=``, ``outputs_loss=``);
+  model's outputs, from the capture step's own linearization (its update
+  needs only ``layer_stats=``);
 * ``optax.adam`` and ``optax.contrib.muon`` at their best learning rates
   (Adam from ``benchmarks/lr_sweep.py`` on this script's setting, Muon from
   the convergence study's CNN sweep, ``benchmarks/results/cnn.md``).
@@ -116,9 +117,8 @@ def make_kfac_step(
 ) -> tuple[optax.GradientTransformation, TrainStep]:
   """``fo.kfac()``: no learning rate, momentum or damping to choose.
 
-  Its update takes the loss (``value=``, ``value_fn=``: Optax's line-search
-  arguments) and the loss split into the model's outputs and the loss of
-  them, for the exact Gauss-Newton products of the quadratic model.
+  Its update needs only the statistics: they carry the loss's linearization,
+  from which the quadratic model takes the exact Gauss-Newton products.
   """
   loss_fn = make_loss_fn(model)
   step_fn = fo.linen.value_grad_and_stats(loss_fn)
@@ -127,11 +127,8 @@ def make_kfac_step(
   @jax.jit
   def train_step(params, opt_state, x, y):
     loss, grads, layer_stats = step_fn(params, x, y)
-    updates, opt_state = tx.update(
-        grads, opt_state, params, layer_stats=layer_stats,
-        value=loss, value_fn=lambda p: loss_fn(p, x, y),
-        outputs_fn=lambda p: model.apply({'params': p}, x),
-        outputs_loss=lambda logits: cross_entropy(logits, y))
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return tx, train_step

@@ -42,6 +42,8 @@ from fisher_optax._kfac import kfac
 from fisher_optax._kfac import scale_by_ekfac
 from fisher_optax._kfac import scale_by_kfac
 from fisher_optax._kronecker import KroneckerState
+from fisher_optax._linearization import Linearization
+from fisher_optax._linearization import linearization
 from fisher_optax._mini_block_fisher import mini_block_fisher
 from fisher_optax._mini_block_fisher import mini_block_fisher_warm_start
 from fisher_optax._mini_block_fisher import scale_by_mini_block_fisher
@@ -65,6 +67,7 @@ __all__ = (
     'KroneckerState',
     'LayerMeta',
     'LayerStats',
+    'Linearization',
     'ScaleByAdaFisherState',
     'ScaleByMiniBlockFisherState',
     'adafisher',
@@ -74,6 +77,7 @@ __all__ = (
     'coverage',
     'ekfac',
     'kfac',
+    'linearization',
     'linen',
     'mini_block_fisher',
     'mini_block_fisher_warm_start',

@@ -29,6 +29,7 @@ import optax
 
 from fisher_optax import _base
 from fisher_optax import _curvature_products
+from fisher_optax import _linearization
 
 
 class AdaptiveState(NamedTuple):
@@ -316,12 +317,20 @@ def adaptive(
   def update_fn(updates, state, params=None, *, value=None, value_fn=None,
                 layer_stats=None, outputs_fn=None, outputs_loss=None,
                 **extra_args):
-    if params is None or value is None or value_fn is None:
+    if params is None:
+      raise ValueError(f'{where}: update needs params: tx.update(grads, '
+                       'state, params, layer_stats=layer_stats).')
+    linearized = None
+    if (value, value_fn, outputs_fn, outputs_loss) == (None,) * 4:
+      linearized = _linearization.of(where, layer_stats)
+      value, value_fn = linearized.value, linearized.value_fn
+    if value is None or value_fn is None:
       raise ValueError(
-          f'{where}: update needs params, value= (the loss at params) and '
-          'value_fn= (params -> the loss on the same batch), optax\'s '
-          'line-search arguments: tx.update(grads, state, params, '
-          'value=loss, value_fn=lambda p: loss_fn(p, batch), ...).')
+          f'{where}: update needs value= (the loss at params) and value_fn= '
+          '(params -> the loss on the same batch), optax\'s line-search '
+          'arguments, with outputs_fn= and outputs_loss=; or none of the '
+          'four, and the layer_stats of the capture step, which carries '
+          'them.')
     if (outputs_fn is None) != (outputs_loss is None):
       raise ValueError(f'{where}: pass outputs_fn= and outputs_loss= '
                        'together (the Gauss-Newton curvature), or neither.')
@@ -338,6 +347,9 @@ def adaptive(
     vectors = (direction, state.delta)
 
     def curvature():
+      if linearized is not None:
+        return _curvature_products.linearization_products(
+            linearized, params, vectors, axis_name)
       if outputs_fn is not None:
         return _curvature_products.ggn_products(
             outputs_fn, outputs_loss, params, vectors, axis_name)

@@ -13,7 +13,9 @@ Two sources, compared in ``docs/adaptive.md``:
 * :func:`ggn_products`, the exact Gauss-Newton matrix ``J^T H_L J`` of a
   loss split into ``outputs_fn(params)`` and ``outputs_loss(outputs)``, by
   one ``jax.linearize`` of the model and a Hessian-vector product of the
-  loss in output space (Martens & Grosse's and kfac-jax's choice).
+  loss in output space (Martens & Grosse's and kfac-jax's choice);
+  :func:`linearization_products` the same from the linearization the
+  capture step already took (``_linearization.py``): no primal pass.
 """
 
 from __future__ import annotations
@@ -229,9 +231,71 @@ def ggn_products(outputs_fn: Callable[[Any], Any],
     The ``(K, K)`` matrix.
   """
   outputs, jvp = jax.linearize(outputs_fn, params)
-  tangents = [jvp(_zeros_for_masked(v, params)) for v in vectors]
-  grad = jax.grad(outputs_loss)
-  hessian = [jax.jvp(grad, (outputs,), (t,))[1] for t in tangents]
+  tangents = [(jvp(_zeros_for_masked(v, params)),) for v in vectors]
+  return _hessian_products(outputs_loss, (outputs,), tangents, axis_name)
+
+
+def linearization_products(linearization, params, vectors: Sequence[Any],
+                           axis_name: str | None):
+  """The Gauss-Newton products of the capture step's linearization.
+
+  With the loss :math:`\\ell(f(\\theta), \\theta)` split where it calls
+  the model (``_linearization.py``), ``C[i, j] = u_i^T H u_j`` with
+  ``u = (J v, v_outside)`` and ``H`` the Hessian of :math:`\\ell` in the
+  outputs and in the parameters it reads itself (``v_outside``, those
+  leaves of ``v``): the Gauss-Newton matrix of the outputs, plus an L2
+  penalty's exact curvature. :math:`J v` costs one tangent pass of the
+  linearized model per vector, and no primal pass.
+
+  Args:
+    linearization: a :class:`~fisher_optax._linearization.Linearization`.
+    params: the update's parameters (masked leaves give zero tangents).
+    vectors: parameter-shaped pytrees.
+    axis_name: data-parallel axis to ``pmean`` over, or None.
+
+  Returns:
+    The ``(K, K)`` matrix.
+  """
+  lin = linearization
+  paths, leaves, treedef = _base.flatten_leaves(lin.params)
+  outside = set(lin.outside())
+  used = [p in outside for p in paths]
+  vectors = [_zeros_for_masked(v, params) for v in vectors]
+  try:
+    outputs_tangents = [lin.outputs_jvp(v) for v in vectors]
+  except TypeError as e:
+    if 'custom_vjp' not in str(e):
+      raise
+    raise TypeError(
+        'The Gauss-Newton quadratic model needs forward-mode products J v of '
+        'the model, and the model contains a jax.custom_vjp function, which '
+        'has none. Pass value= and value_fn= (and no outputs_fn=) to '
+        'tx.update for the captured statistics\' curvature, or give the '
+        'function a custom_jvp rule.') from e
+
+  def loss_of(read, outputs):
+    it = iter(read)
+    full = [next(it) if u else leaf for leaf, u in zip(leaves, used)]
+    return lin.loss_of(jax.tree.unflatten(treedef, full), outputs)
+
+  def pick(v):
+    v_leaves = jax.tree.leaves(v)
+    if len(v_leaves) != len(leaves):
+      raise ValueError(
+          f'the update\'s parameters have {len(v_leaves)} leaves, the '
+          f'captured ones {len(leaves)}: pass tx.update the parameters the '
+          'capture step differentiated.')
+    return [x for x, u in zip(v_leaves, used) if u]
+
+  read = [leaf for leaf, u in zip(leaves, used) if u]
+  tangents = [(pick(v), t) for v, t in zip(vectors, outputs_tangents)]
+  return _hessian_products(loss_of, (read, lin.outputs), tangents, axis_name)
+
+
+def _hessian_products(loss, primals, tangents, axis_name):
+  """``C[i, j] = t_i^T H t_j``, ``H`` the Hessian of ``loss(*primals)``."""
+  grad = jax.grad(loss, argnums=tuple(range(len(primals))))
+  hessian = [jax.jvp(grad, primals, t)[1] for t in tangents]
   c = jnp.stack([jnp.stack([vdot(t, h) for h in hessian])
                  for t in tangents])
   c = (c + c.T) / 2

@@ -6,8 +6,8 @@ tracing and running the small models the rest. The tests check the numbers
 of small models, not the speed of XLA's optimised code, so they compile
 with LLVM at -O0, without XLA's MLIR fusion emitters, without LLVM's
 expensive passes and without parallel codegen: the whole suite runs about
-three times faster, with the same library code. Worker processes (forced devices, several processes)
-get the same flags through :func:`xla_flags`.
+three times faster, with the same library code. Worker processes (forced
+devices, several processes) get the same flags through :func:`xla_flags`.
 
 ``FISHER_OPTAX_TEST_XLA_DEFAULT=1`` runs everything with XLA's defaults.
 """

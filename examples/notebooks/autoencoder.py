@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -153,21 +153,12 @@ def loss_fn(params, x):
 step_fn = fo.linen.value_grad_and_stats(loss_fn)
 
 
-def outputs_loss(logits, x):
-  return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1).mean()
-
-
 def make_train_step(tx):
   @jax.jit
   def train_step(params, opt_state, x):
     loss, grads, layer_stats = step_fn(params, x)
-    # The loss and its split into outputs and a loss of the outputs are
-    # read only by the optimizers without a learning rate (`fo.kfac()`).
-    updates, opt_state = tx.update(
-        grads, opt_state, params, layer_stats=layer_stats, value=loss,
-        value_fn=lambda p: loss_fn(p, x),
-        outputs_fn=lambda p: model.apply({'params': p}, x),
-        outputs_loss=lambda logits: outputs_loss(logits, x))
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
     return optax.apply_updates(params, updates), opt_state, loss
   return train_step
 
@@ -228,7 +219,7 @@ print(f'largest parameter difference after 3 steps: {diff:.1e}')
 #
 # Beside them, `fo.kfac()` takes no learning rate and no damping
 # (`docs/adaptive.md`): it chooses its step from a quadratic model of the
-# loss with the exact Gauss-Newton curvature of `outputs_fn`/`outputs_loss`
+# loss with the exact Gauss-Newton curvature of the model's logits
 # and adapts its damping to the loss's scale by itself, so the summed loss
 # needs no `loss_scale`. On the study's autoencoder it reached Adam's final
 # training loss in 0.22x Adam's steps (Muon 0.37x) and ended at a held-out

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -236,17 +236,11 @@ def make_train_step(tx):
   def train_step(params, batch_stats, opt_state, x, y):
     (loss, new_stats), grads, layer_stats = step_fn(params, batch_stats,
                                                     x, y)
-    # Read only by `fo.kfac()` (no learning rate): the loss, and the logits
-    # and a loss of them for its Gauss-Newton curvature, in training mode
-    # like the loss (BatchNorm's updated averages are dropped).
-    updates, opt_state = tx.update(
-        grads, opt_state, params, layer_stats=layer_stats, value=loss,
-        value_fn=lambda p: loss_fn(p, batch_stats, x, y)[0],
-        outputs_fn=lambda p: model.apply(
-            {'params': p, 'batch_stats': batch_stats}, x, train=True,
-            mutable=['batch_stats'])[0],
-        outputs_loss=lambda logits: optax.losses.
-        softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    # `fo.kfac()` (no learning rate) takes its quadratic model from the
+    # linearization that `layer_stats` carries: the same batch, BatchNorm
+    # statistics and training mode as the loss.
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
     batch_stats = new_stats
     return (optax.apply_updates(params, updates), batch_stats, opt_state,
             loss)

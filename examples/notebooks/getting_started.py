@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -196,15 +196,15 @@ print(fo.coverage(params, layer_stats))
 # `fo.kfac()` with no learning rate chooses its own step (`docs/adaptive.md`):
 # every step it picks the learning rate and momentum that minimise a local
 # quadratic model of the loss, and every 5 steps it adapts its damping by
-# how well that model predicted the loss. For that its `update` also takes
-# the loss (`value=`, and `value_fn=` to evaluate it after a step, Optax's
-# line-search names) and the model split into outputs and a loss of the
-# outputs (`outputs_fn=`, `outputs_loss=`), from which it computes the exact
-# Gauss-Newton curvature along the step. Optax's optimizers and the
-# fixed-learning-rate ones ignore these arguments, so one training step
-# serves them all. In the project's convergence study it beat K-FAC tuned
-# over 25 settings on four tasks of five and came within 2% of it on the
-# fifth (`docs/choosing.md`).
+# how well that model predicted the loss. Its `update` needs nothing beyond
+# `layer_stats=`: the capture step linearized the loss once, split where it
+# calls `model.apply`, and the statistics carry that linearization, from
+# which the quadratic model takes the loss, the loss after a step and the
+# exact Gauss-Newton curvature along the step, with no second pass through
+# the model. Optax's optimizers ignore `layer_stats=` inside `optax.chain`,
+# so one training step serves them all. In the project's convergence study
+# it beat K-FAC tuned over 25 settings on four tasks of five and came within
+# 2% of it on the fifth (`docs/choosing.md`).
 #
 # AdaFisher runs at its defaults (the official code's settings). The
 # others' learning rates and dampings follow `docs/choosing.md`: the
@@ -233,14 +233,8 @@ def make_train_step(tx):
   @jax.jit
   def train_step(params, opt_state, x, y):
     loss, grads, layer_stats = step_fn(params, x, y)
-    # Optax's own optimizers (Adam, Muon) ignore the extra keywords, and
-    # only the optimizers without a learning rate read the loss ones.
-    updates, opt_state = tx.update(
-        grads, opt_state, params, layer_stats=layer_stats,
-        value=loss, value_fn=lambda p: loss_fn(p, x, y),
-        outputs_fn=lambda p: model.apply({'params': p}, x),
-        outputs_loss=lambda logits: optax.losses.
-        softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return train_step

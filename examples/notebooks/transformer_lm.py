@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -277,27 +277,20 @@ print('with layers=: the update works')
 #
 # `fo.kfac()` has neither (`docs/adaptive.md`): it chooses its learning
 # rate and momentum from a quadratic model of the loss and adapts its
-# damping, which needs the loss (`value=`, `value_fn=`) and the model split
-# into logits and a loss of the logits (`outputs_fn=`, `outputs_loss=`) in
-# its `update`; the other optimizers ignore them. This is the study's
+# damping, from the loss linearized once by the capture step, split where
+# it calls `model.apply` (the statistics carry it: `update` needs only
+# `layer_stats=`). This is the study's
 # hardest task for it: it ended within 2% of tuned K-FAC's held-out loss and
 # at Adam's, but took 1.11x Adam's steps to reach Adam's training loss
 # (Muon 0.99x), and its step costs about one more forward pass than K-FAC's.
 
 # %%
-def outputs_loss(logits, y):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
 def make_train_step(tx):
   @jax.jit
   def train_step(params, opt_state, x, y):
     loss, grads, layer_stats = step_fn(params, x, y)
-    updates, opt_state = tx.update(
-        grads, opt_state, params, layer_stats=layer_stats, value=loss,
-        value_fn=lambda p: loss_fn(p, x, y),
-        outputs_fn=lambda p: model.apply({'params': p}, x),
-        outputs_loss=lambda logits: outputs_loss(logits, y))
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   layer_stats=layer_stats)
     return optax.apply_updates(params, updates), opt_state, loss
   return train_step
 

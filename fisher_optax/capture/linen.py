@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from fisher_optax import _base
+from fisher_optax import _linearization
 from fisher_optax._train_state import TrainState  # noqa: F401  re-exported
 from fisher_optax.capture import _layers
 
@@ -169,15 +170,19 @@ _SUBSTITUTES = {
 class _Trace:
   """Python-side bookkeeping of one traced call of the wrapped loss."""
 
-  def __init__(self, discover: bool, perturbations=None, param_ids=None):
+  def __init__(self, discover: bool, perturbations=None, param_ids=None,
+               replay=None):
     self.discover = discover
     self.perturbations = perturbations
+    # (outputs, states) per apply call: apply returns them, runs nothing.
+    self.replay = replay
     self.param_ids = param_ids or {}
     self.applies = []  # per apply call: captured collections (JAX values)
     self.prefixes = []  # per apply call: path of its params in user params
     self.layers = {}  # (apply index, module path) -> static layer info
     self.skipped = {}  # (apply index, module path) -> why it was not captured
     self.outputs = []  # per apply call: the model output (JAX values)
+    self.states = []  # per apply call: the user's mutable collections
     self.lifts = []  # kinds of the lifted transforms now running
     self.active = set()  # ids of the modules whose capture is running
     self.pending_lift = None  # set between a lift's axes and its pack
@@ -323,6 +328,14 @@ def _capturing(trace: _Trace):
     @functools.wraps(inner)
     def call(variables, *args, **kwargs):
       k = len(trace.applies)
+      if trace.replay is not None:
+        outputs, states = trace.replay
+        if k >= len(outputs):
+          raise RuntimeError('model.apply ran more often than while the loss '
+                             'was captured; the loss must call it the same '
+                             'number of times on every trace.')
+        trace.applies.append({})
+        return outputs[k] if mutable is False else (outputs[k], states[k])
       variables = dict(variables)
       if trace.discover:
         trace.prefixes.append(_param_prefix(trace, variables))
@@ -337,6 +350,7 @@ def _capturing(trace: _Trace):
       trace.applies.append({c: state.pop(c, {}) for c in (
           INPUTS, EXTRAS, PERTURBATIONS)})
       trace.outputs.append(out)
+      trace.states.append(state)
       return out if mutable is False else (out, state)
 
     return call
@@ -453,21 +467,30 @@ def value_grad_and_stats(
       with _capturing(trace):
         out = loss_fn(p, *args, **kwargs)
       captured = [{c: a[c] for c in (INPUTS, EXTRAS)} for a in trace.applies]
-      if fisher == 'empirical':
-        return loss_only(out), (out, captured)
-      return (loss_only(out), _model_output(trace)), (out, captured)
+      return ((loss_only(out), tuple(trace.outputs)),
+              (out, captured, tuple(trace.states)))
 
-    if fisher == 'empirical':
-      (_, (out, captured)), (grads, cotangents) = jax.value_and_grad(
-          wrapped, argnums=(0, 1), has_aux=True)(params, zeros)
-    else:
-      (loss, output), vjp_fn, (out, captured) = jax.vjp(
-          wrapped, params, zeros, has_aux=True)
-      grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
-      _, cotangents = vjp_fn((jnp.zeros_like(loss), sampled_cotangent(
-          fisher, output, fisher_key)))
+    (loss, outputs), linearized, (out, captured, states) = jax.linearize(
+        wrapped, params, zeros, has_aux=True)
+    grads, cotangents = gradients(
+        linearized, (params, zeros), loss, outputs, fisher, fisher_key)
     stats = _assemble(discovery, params, captured, cotangents)
-    return out, grads, stats
+
+    def replay(p, outputs):
+      trace = _Trace(discover=False, replay=(outputs, states))
+      with _capturing(trace):
+        return loss_only(loss_fn(p, *args, **kwargs))
+
+    return out, grads, _linearization.attach(
+        stats, _linearization.Linearization(
+            value=loss,
+            value_fn=lambda p: loss_only(loss_fn(p, *args, **kwargs)),
+            params=params,
+            outputs=outputs,
+            outputs_jvp=lambda v: linearized(v, zeros)[1],
+            loss_of=replay,
+            outside=lambda: _linearization.outside_paths(
+                replay, params, outputs)))
 
   return step
 
@@ -511,16 +534,26 @@ def sampled_cotangent(fisher: str, output, key):
   return -jax.random.normal(key, output.shape) / rows
 
 
-def _model_output(trace: _Trace):
-  if not trace.outputs:
-    raise ValueError('a sampled Fisher needs the model output, but the loss '
-                     'called no model.apply.')
-  output = trace.outputs[-1]
-  if not isinstance(output, jax.Array) or output.ndim < 1:
-    raise ValueError('a sampled Fisher needs the last model.apply to return '
-                     'one array of predictions (logits or means), got '
-                     f'{type(output).__name__}.')
-  return output
+def gradients(linearized, primals, loss, outputs, fisher: str, key):
+  """The gradient and the layers' cotangents, by transposing the loss's
+  linearization (``primals``: the parameters and the perturbations).
+
+  ``fisher`` other than ``'empirical'``: the cotangents come from a second
+  transpose, of a loss on the last model output with sampled targets
+  (:func:`sampled_cotangent`); the gradient is the loss's.
+  """
+  transpose = jax.linear_transpose(linearized, *primals)
+  zero = jax.tree.map(jnp.zeros_like, outputs)
+  grads, cotangents = transpose((jnp.ones_like(loss), zero))
+  if fisher != 'empirical':
+    if not outputs or not isinstance(outputs[-1], jax.Array) or (
+        outputs[-1].ndim < 1):
+      raise ValueError(
+          'a sampled Fisher needs the model output: the last model call in '
+          'the loss must return one array of predictions (logits or means).')
+    sampled = zero[:-1] + (sampled_cotangent(fisher, outputs[-1], key),)
+    _, cotangents = transpose((jnp.zeros_like(loss), sampled))
+  return grads, cotangents
 
 
 def _publish_skipped(trace: _Trace) -> None:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _base
+from fisher_optax import _linearization
 from fisher_optax.capture import _layers
 from fisher_optax.capture import linen as capture_linen
 
@@ -215,17 +216,26 @@ def _value(v):
 
 
 @contextlib.contextmanager
-def _root_output(model, outputs: list):
-  """Records what calls of ``model`` itself return."""
+def _root_output(model, outputs: list, replay=None):
+  """Records what calls of ``model`` itself return; with ``replay``, those
+  calls return its entries instead, in order, and run nothing."""
   cls = type(model)
   saved = cls.__dict__.get('__call__')
   original = cls.__call__
 
   @functools.wraps(original)
   def call(self, *args, **kwargs):
-    out = original(self, *args, **kwargs)
-    if self is model:
-      outputs.append(out)
+    if self is not model:
+      return original(self, *args, **kwargs)
+    if replay is not None:
+      if len(outputs) >= len(replay):
+        raise RuntimeError('the model ran more often than while the loss was '
+                           'captured; the loss must call it the same number '
+                           'of times on every trace.')
+      out = replay[len(outputs)]
+    else:
+      out = original(self, *args, **kwargs)
+    outputs.append(out)
     return out
 
   with _LOCK:
@@ -283,6 +293,9 @@ def value_grad_and_stats(
     raise ValueError(f'fisher must be empirical, softmax or gaussian, got '
                      f'{fisher!r}.')
 
+  def loss_only(out):
+    return out[0] if has_aux else out
+
   def step(model, *args, fisher_key=None, **kwargs):
     if fisher != 'empirical' and fisher_key is None:
       raise ValueError(f"fisher={fisher!r} samples targets: call the step "
@@ -292,51 +305,88 @@ def value_grad_and_stats(
     # trace (TraceContextError). Other arguments stay closed over, so Python
     # values (train=True) stay static, as under nnx.value_and_grad.
     objects, rebuild = _split_objects(args, kwargs)
+    if any(o is model for o in objects):
+      # As nnx.value_and_grad: one object cannot be both differentiated and
+      # not.
+      raise ValueError('Inconsistent aliasing: the model is also one of the '
+                       "loss's other arguments; pass it once.")
     perturbations = nnx.eval_shape(
         functools.partial(_discover, loss_fn, rebuild), model, objects)
     # zeros_like keeps shard_map's device-varying type (see linen.py).
     zeros = jax.tree.map(jnp.zeros_like, perturbations)
 
-    def wrapped(m, perturbations, objects):
-      args, kwargs = rebuild(objects)
-      with _capturing():
-        out, inter = nnx.capture(loss_fn, nnx.Intermediate,
-                                 init=perturbations)(m, *args, **kwargs)
-      return (out[0] if has_aux else out), (out, inter)
+    # The model's parameters, and the rest of the state of the model and of
+    # the other NNX objects (BatchNorm statistics, RNG counters, other
+    # models), which the loss updates and which is written back once.
+    graphdef, params, rest = nnx.split((model, objects), _model_param, ...)
+    # Detached from the model's Variables, which the step updates below:
+    # the loss after the step must see the state the capture step saw.
+    params, rest = jax.tree.map(lambda x: x, (params, rest))
+    param_paths = _base.flatten_leaves(_model_grads(params))[0]
+    param_def = jax.tree.structure(params, is_leaf=_base.is_masked)
 
-    if fisher == 'empirical':
-      (_, (out, inter)), (grads, cotangents) = nnx.value_and_grad(
-          wrapped, argnums=(0, 1), has_aux=True)(model, zeros, objects)
-    else:
-      # The model's parameters, and the rest of the state of the model and
-      # of the other NNX objects (BatchNorm statistics, RNG counters, other
-      # models): a primal of the vjp too, so the loss updates it at its
-      # trace level.
-      graphdef, params, rest = nnx.split((model, objects), _model_param, ...)
+    def run(params, rest, perturbations=None, replay=None):
+      # New Variables, of the trace this runs in (the adaptive step's
+      # lax.cond): the split's own would refuse the loss's state updates.
+      m, o = nnx.merge(graphdef, *jax.tree.map(lambda x: x, (params, rest)))
+      args, kwargs = rebuild(o)
+      outputs = []
+      with _root_output(m, outputs, replay):
+        if perturbations is None:
+          return loss_fn(m, *args, **kwargs), None, outputs, None
+        with _capturing():
+          out, inter = nnx.capture(loss_fn, nnx.Intermediate,
+                                   init=perturbations)(m, *args, **kwargs)
+      return out, inter, outputs, nnx.split((m, o), _model_param, ...)[2]
 
-      def pure(params, perturbations, rest):
-        m, o = nnx.merge(graphdef, params, rest)
-        outputs = []
-        with _root_output(m, outputs):
-          loss, (out, inter) = wrapped(m, perturbations, o)
-        if not outputs or not isinstance(outputs[-1], jax.Array):
-          raise ValueError('a sampled Fisher needs the model to return one '
-                           'array of predictions (logits or means).')
-        new_rest = nnx.split((m, o), _model_param, ...)[2]
-        return (loss, outputs[-1]), (out, inter, new_rest)
+    def wrapped(params, perturbations, rest):
+      out, inter, outputs, new_rest = run(params, rest, perturbations)
+      return (loss_only(out), tuple(outputs)), (out, inter, new_rest)
 
-      (loss, output), vjp_fn, (out, inter, new_rest) = jax.vjp(
-          pure, params, zeros, rest, has_aux=True)
-      grads, _, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
-      _, cotangents, _ = vjp_fn((jnp.zeros_like(loss),
-                                 capture_linen.sampled_cotangent(
-                                     fisher, output, fisher_key)))
-      nnx.update((model, objects), new_rest)
-      grads = _model_grads(grads)
+    # The rest is a primal too, so that the loss updates it at its trace
+    # level; its tangents are zero.
+    (loss, outputs), linearized_all, (out, inter, new_rest) = jax.linearize(
+        wrapped, params, zeros, rest, has_aux=True)
+    rest_tangents = jax.tree.map(_zero_tangent, rest)
+    linearized = lambda p, z: linearized_all(p, z, rest_tangents)
+    grads, cotangents = capture_linen.gradients(
+        linearized, (params, zeros), loss, outputs, fisher, fisher_key)
+    nnx.update((model, objects), new_rest)
     stats = _assemble(model, inter, cotangents)
-    return out, grads, stats
+
+    def as_params(tree):
+      # The update's parameter-shaped trees (an nnx.State of the model's
+      # nnx.Param, plain or pure) as the split's.
+      leaves = jax.tree.leaves(tree, is_leaf=_base.is_masked)
+      if len(leaves) != len(param_paths):
+        raise ValueError(
+            f'the parameters given to tx.update have {len(leaves)} leaves, '
+            f'the captured model {len(param_paths)} ({param_paths[:4]}...): '
+            'pass nnx.state(model, nnx.Param).')
+      return jax.tree.unflatten(param_def, leaves)
+
+    def loss_of(p, outputs):
+      return loss_only(run(as_params(p), rest, replay=outputs)[0])
+
+    model_params = _model_grads(params)
+    return out, _model_grads(grads), _linearization.attach(
+        stats, _linearization.Linearization(
+            value=loss,
+            value_fn=lambda p: loss_only(run(as_params(p), rest)[0]),
+            params=model_params,
+            outputs=outputs,
+            outputs_jvp=lambda v: linearized(as_params(v), zeros)[1],
+            loss_of=loss_of,
+            outside=lambda: _linearization.outside_paths(
+                loss_of, model_params, outputs)))
 
   return step
+
+
+def _zero_tangent(x):
+  if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
 def _split_objects(args, kwargs):
