@@ -40,7 +40,9 @@ class AdaptiveState(NamedTuple):
     damping: :math:`\lambda`, used by the model and the preconditioner.
     learning_rate: :math:`\alpha` of the last step.
     momentum: :math:`\mu` of the last step.
-    rho: the last measured reduction ratio (NaN before the first).
+    rho: the last measured reduction ratio (0 before the first: not NaN,
+      which ``jax.device_put`` on several processes would take for a
+      difference between them).
     model_change: :math:`M(d)` of the last step (negative: a decrease).
     rejected: steps that fell back to no update (a non-finite or
       non-decreasing model, or a non-finite loss after the step).
@@ -59,7 +61,7 @@ class AdaptiveState(NamedTuple):
     >>> loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
     >>> tx = fo.kfac()
     >>> _, state = tx.update(grads, tx.init(params), params,
-    ...                      layer_stats=stats, value=loss, value_fn=loss_fn)
+    ...                      layer_stats=stats)
     >>> isinstance(state, fo.AdaptiveState), int(state.count)
     (True, 1)
     >>> bool(state.learning_rate > 0), int(state.rejected)
@@ -200,10 +202,15 @@ def adaptive(
   keeps that coefficient and solves for the other. The first step, with no
   :math:`\delta`, and a singular system solve for :math:`\alpha` alone.
 
-  **Curvature.** If ``update`` gets ``outputs_fn`` and ``outputs_loss``
-  (the loss is ``outputs_loss(outputs_fn(params))``), :math:`C` is the
-  exact Gauss-Newton matrix, by one ``jax.linearize`` of the model.
-  Otherwise it comes from the captured ``layer_stats`` with no extra pass:
+  **Curvature.** With only ``layer_stats=`` from the capture step, which
+  carry the loss's linearization (:func:`fisher_optax.linearization`),
+  :math:`C` is the exact Gauss-Newton matrix of the model's outputs (plus
+  the exact curvature of parameters the loss reads itself, an L2 penalty),
+  by tangent passes of that linearization: no second primal pass. With
+  ``outputs_fn`` and ``outputs_loss`` (the loss is
+  ``outputs_loss(outputs_fn(params))``) it is the same matrix by a second
+  ``jax.linearize`` of the model. With ``value=`` and ``value_fn=`` alone,
+  it comes from the captured ``layer_stats`` with no extra pass:
   the per-example gradients' inner products with :math:`v` give
   :math:`v_i^\top C v_j = \mathrm{mean}_n\, (\nabla h_n^\top v_i)
   (\nabla h_n^\top v_j)`, the empirical Fisher (or, captured with
@@ -242,9 +249,13 @@ def adaptive(
       curvature products and the losses are averaged.
 
   Returns:
-    A transformation whose ``update(grads, state, params, *, value,
-    value_fn, layer_stats=..., outputs_fn=..., outputs_loss=...)`` returns
-    the update to add to the parameters.
+    A transformation whose ``update(grads, state, params, *, layer_stats,
+    value=..., value_fn=..., outputs_fn=..., outputs_loss=...,
+    linearization=...)`` returns the update to add to the parameters.
+    ``value`` (the loss at ``params``) and ``value_fn`` (``params -> loss``
+    on the same batch, Optax's line-search names) come from the
+    linearization that ``layer_stats`` carries (or ``linearization=``, a
+    :class:`~fisher_optax.Linearization`) when all four are omitted.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
@@ -260,9 +271,8 @@ def adaptive(
     >>> @jax.jit
     ... def step(params, opt_state):
     ...   loss, grads, stats = step_fn(params)
-    ...   updates, opt_state = tx.update(
-    ...       grads, opt_state, params, layer_stats=stats, value=loss,
-    ...       value_fn=loss_fn)
+    ...   updates, opt_state = tx.update(grads, opt_state, params,
+    ...                                  layer_stats=stats)
     ...   return optax.apply_updates(params, updates), opt_state, loss
     >>> first = loss_fn(params)
     >>> for _ in range(30):
@@ -307,7 +317,7 @@ def adaptive(
         count=jnp.zeros([], jnp.int32),
         damping=scalar(damping),
         learning_rate=scalar(0.0), momentum=scalar(0.0),
-        rho=scalar(jnp.nan), model_change=scalar(0.0),
+        rho=scalar(0.0), model_change=scalar(0.0),
         rejected=jnp.zeros([], jnp.int32),
         delta=jax.tree.map(
             lambda x: x if _base.is_masked(x) else jnp.zeros_like(x),
@@ -316,13 +326,13 @@ def adaptive(
 
   def update_fn(updates, state, params=None, *, value=None, value_fn=None,
                 layer_stats=None, outputs_fn=None, outputs_loss=None,
-                **extra_args):
+                linearization=None, **extra_args):
     if params is None:
       raise ValueError(f'{where}: update needs params: tx.update(grads, '
                        'state, params, layer_stats=layer_stats).')
     linearized = None
     if (value, value_fn, outputs_fn, outputs_loss) == (None,) * 4:
-      linearized = _linearization.of(where, layer_stats)
+      linearized = _linearization.of(where, linearization or layer_stats)
       value, value_fn = linearized.value, linearized.value_fn
     if value is None or value_fn is None:
       raise ValueError(

@@ -540,8 +540,19 @@ def with_loss_scale(tx: optax.GradientTransformation, loss_scale: Any,
     return x * jnp.asarray(inv, jnp.result_type(x))
 
   def update_fn(updates, state, params=None, **extra_args):
+    # Imported here: _linearization builds on this module.
+    from fisher_optax import _linearization  # pylint: disable=g-import-not-at-top
     updates = jax.tree.map(scale, updates, is_leaf=is_masked)
     stats = extra_args.get('layer_stats')
+    # The adaptive step's loss, from the capture step's linearization, on
+    # the same scale: passed as linearization= beside the new statistics.
+    lin = extra_args.get('linearization') or _linearization.linearization(
+        stats)
+    if lin is not None:
+      extra_args['linearization'] = lin._replace(
+          value=scale(jnp.asarray(lin.value)),
+          value_fn=lambda p, fn=lin.value_fn: scale(jnp.asarray(fn(p))),
+          loss_of=lambda p, z, fn=lin.loss_of: scale(jnp.asarray(fn(p, z))))
     if isinstance(stats, Mapping) and all(
         isinstance(v, LayerStats) for v in stats.values()):
       extra_args['layer_stats'] = {

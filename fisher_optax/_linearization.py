@@ -129,11 +129,13 @@ def _missing_message(where: str) -> str:
 
 
 def of(where: str, layer_stats: Any) -> Linearization:
-  """The linearization of ``layer_stats``, checked for the adaptive step.
+  """The linearization of ``layer_stats`` (or ``layer_stats`` itself if it
+  is one), checked for the adaptive step.
 
   Raises unless it is there and the loss has model outputs.
   """
-  lin = linearization(layer_stats)
+  lin = (layer_stats if isinstance(layer_stats, Linearization) else
+         linearization(layer_stats))
   if lin is None:
     raise ValueError(_missing_message(where))
   if not jax.tree.leaves(lin.outputs):

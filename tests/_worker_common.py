@@ -43,11 +43,16 @@ def make(name, **kwargs):
   between them. ``'adafisher_reference'`` is AdaFisher's official-code mode,
   ``'kfac_reduce'`` K-FAC with ``weight_sharing='reduce'``.
   """
-  if name == 'kfac_adaptive_ggn':  # Gauss-Newton products of the outputs
-    return fo.adaptive(fo.scale_by_kfac(momentum=0.0, inverse_every=2,
-                                        **kwargs),
-                       damping=0.1, adapt_every=2,
-                       axis_name=kwargs.get('axis_name'))
+  if name == 'kfac_adaptive_ggn':
+    # The recommended form: only layer_stats=, whose linearization gives
+    # the loss and the Gauss-Newton products (this device's, averaged over
+    # axis_name by the adaptive step).
+    return _without(
+        fo.adaptive(fo.scale_by_kfac(momentum=0.0, inverse_every=2,
+                                     **kwargs),
+                    damping=0.1, adapt_every=2,
+                    axis_name=kwargs.get('axis_name')),
+        'value', 'value_fn', 'outputs_fn', 'outputs_loss')
   if name == 'kfac_adaptive':  # the captured statistics' products
     return _without(fo.kfac(damping=0.1, inverse_every=2, **kwargs),
                     'outputs_fn', 'outputs_loss')

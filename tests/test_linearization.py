@@ -235,7 +235,79 @@ class ShortFormTest(parameterized.TestCase):
         _train_linen('resnet', 'kfac', short=False, fisher='softmax'))
 
 
+class LossScaleTest(absltest.TestCase):
+
+  def test_summed_loss_with_loss_scale_equals_the_mean(self):
+    """``loss_scale=`` divides the linearization's loss and curvature too."""
+    model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
+    x = np.random.default_rng(5).standard_normal((16, 4)).astype(np.float32)
+    y = np.arange(16) % 3
+    params = model.init(jax.random.key(0), x)['params']
+    mean = lambda p: _ce(model.apply({'params': p}, x), y)
+
+    def train(loss_fn, tx):
+      step_fn = fo.linen.value_grad_and_stats(loss_fn)
+
+      @jax.jit
+      def step(p, state):
+        _, grads, stats = step_fn(p)
+        updates, state = tx.update(grads, state, p, layer_stats=stats)
+        return optax.apply_updates(p, updates), state
+
+      p, state = params, tx.init(params)
+      for _ in range(STEPS):
+        p, state = step(p, state)
+      return p, state
+
+    self.assertEqual(ShortFormTest().assert_same_run(
+        train(lambda p: 16.0 * mean(p), fo.kfac(loss_scale=16.0)),
+        train(mean, fo.kfac())), None)
+
+
+def _remat_vmap():
+  """``nn.remat`` and a per-example ``nn.vmap`` (parameters broadcast)."""
+
+  class Inner(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.tanh(nn.Dense(6)(x)))
+
+  class Outer(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.remat(Inner)()(x)
+      return nn.vmap(nn.Dense, variable_axes={'params': None},
+                     split_rngs={'params': False}, in_axes=0)(4)(x)
+
+  model = Outer()
+  x = np.random.default_rng(6).standard_normal((5, 2)).astype(np.float32)
+  params = model.init(jax.random.key(0), x)['params']
+  return model, params, x
+
+
 class PiecesTest(parameterized.TestCase):
+
+  def test_lifted_transforms(self):
+    """J v and the replayed loss through nn.remat and nn.vmap."""
+    model, params, x = _remat_vmap()
+    apply = lambda p: model.apply({'params': p}, x)
+    loss_fn = lambda p: jnp.mean(jnp.sin(apply(p)))
+    v = jax.tree.map(jnp.ones_like, params)
+
+    @jax.jit
+    def pieces(params):
+      loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+      lin = fo.linearization(stats)
+      return (loss, grads, lin.outputs_jvp(v)[0],
+              jax.jvp(apply, (params,), (v,))[1],
+              lin.outputs_loss(lin.outputs))
+
+    loss, grads, jv, ref_jv, replayed = pieces(params)
+    assert_trees_close(grads, jax.grad(loss_fn)(params))
+    assert_close(jv, ref_jv, rtol=1e-4)
+    assert_close(replayed, loss)
 
   def test_pieces_against_the_model(self):
     params, carry, loss_fn, _, args, by_hand, _ = _resnet()

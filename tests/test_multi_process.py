@@ -40,7 +40,7 @@ sys.modules[_spec.name] = launch  # dataclasses look their module up
 _spec.loader.exec_module(launch)
 
 ALL = ('adafisher', 'adafisherw', 'adafisher_reference', 'kfac', 'ekfac',
-       'tkfac', 'tekfac', 'mini_block_fisher')
+       'tkfac', 'tekfac', 'mini_block_fisher', 'kfac_adaptive_ggn')
 SPREAD = ('kfac', 'ekfac', 'tkfac', 'tekfac', 'mini_block_fisher')
 # Seen when written: at most 1.2e-5 of a leaf's largest entry (EKFAC's and
 # TEKFAC's up to 6e-4, their momentum after the division by the scaling).

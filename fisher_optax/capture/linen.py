@@ -419,6 +419,13 @@ def value_grad_and_stats(
     parameter path (``'encoder/Dense_0'``) to a
     :class:`~fisher_optax.LayerStats`. Call it inside your ``jax.jit``.
 
+    The loss is linearized once, with the outputs of every ``model.apply``
+    call as extra outputs; the gradient is its transpose (the backward pass
+    of ``jax.value_and_grad``). ``layer_stats`` carries the linearization
+    (:func:`fisher_optax.linearization`): the optimizers without a learning
+    rate take the loss and its Gauss-Newton curvature from it, so their
+    ``update`` needs only ``layer_stats=``.
+
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> import fisher_optax as fo

@@ -12,9 +12,9 @@ NNX objects among the loss's other arguments (an ``nnx.Rngs`` for dropout,
 a second model, ``nnx.Variable`` s) are passed *through* the NNX transforms
 as arguments, never closed over: perturbation shapes are found with
 ``nnx.eval_shape``, which works on copies and writes nothing back, and the
-one real pass is ``nnx.value_and_grad`` over ``(model, perturbations,
-objects)``, which updates RNG counters and BatchNorm statistics once,
-exactly as ``nnx.value_and_grad(loss_fn)`` would. Other arguments stay
+one real pass is a ``jax.linearize`` of the loss over the split state of
+``(model, objects)``, whose new state (RNG counters, BatchNorm statistics)
+is written back once, exactly as ``nnx.value_and_grad(loss_fn)`` would. Other arguments stay
 closed over (Python flags stay static). Only the modules of ``model`` are
 captured; layers of other models run unchanged.
 
@@ -275,7 +275,11 @@ def value_grad_and_stats(
     :class:`~fisher_optax.LayerStats`. State that the loss updates, in the
     model or in NNX objects among the arguments (``BatchNorm`` statistics,
     RNG counters), is written back once, as with ``nnx.value_and_grad``.
-    Call it inside ``nnx.jit`` or ``jax.jit``.
+    Call it inside ``nnx.jit`` or ``jax.jit``. As in linen, the loss is
+    linearized once with the model's outputs (what calls of ``model``
+    itself return) as extra outputs, and ``layer_stats`` carries the
+    linearization (:func:`fisher_optax.linearization`) for the optimizers
+    without a learning rate.
 
   Example:
     >>> from flax import nnx
