@@ -123,6 +123,18 @@ def solve_quadratic_model(a, b, learning_rate=None, momentum=None,
   return jnp.where(det > _SINGULAR * a00 * a11, two_d, one_d)
 
 
+def nonnegative_part(c):
+  r"""The :math:`2 \times 2` curvature with negative eigenvalues set to 0.
+
+  The Gauss-Newton matrix is positive semi-definite only for a loss convex
+  in the model's outputs (cross-entropy, squared error); for another loss
+  the model keeps the curvature's non-negative part and leaves the rest to
+  the damping. A positive semi-definite ``c`` is returned unchanged.
+  """
+  w, v = jnp.linalg.eigh(c)
+  return jnp.where(w[0] < 0, (v * jnp.maximum(w, 0.0)) @ v.T, c)
+
+
 def model_change(a, b, w):
   r""":math:`M(d) - M(0) = \tfrac12 w^\top A w + b^\top w`."""
   return 0.5 * w @ a @ w + b @ w
@@ -378,6 +390,7 @@ def adaptive(
                    lambda: jnp.zeros((2, 2), dtype))
     else:
       c = curvature().astype(dtype)
+    c = nonnegative_part(c)
     gram = _gram(vectors).astype(dtype)
     l2_gram = _gram(vectors, [l2_term(v) for v in vectors]).astype(dtype)
     b = jnp.stack([_curvature_products.vdot(grads, v)

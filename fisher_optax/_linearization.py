@@ -45,6 +45,29 @@ class Linearization(NamedTuple):
       does not run).
     outside: ``() -> paths`` of the parameters that :math:`\ell` reads
       itself. A function: it traces the loss once more, when asked.
+
+  Example:
+    The pieces, for a loss with an L2 penalty on the kernel:
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import fisher_optax as fo
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> def loss_fn(p):
+    ...   out = model.apply({'params': p}, x)
+    ...   return jnp.mean(out ** 2) + 1e-3 * jnp.sum(p['kernel'] ** 2)
+    >>> loss, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    >>> lin = fo.linearization(stats)
+    >>> lin.outside()
+    ('kernel',)
+    >>> v = jax.tree.map(jnp.ones_like, params)
+    >>> jv = lin.outputs_jvp(v)[0]  # J v, without running the model
+    >>> bool(jnp.allclose(jv, jax.jvp(
+    ...     lambda p: model.apply({'params': p}, x), (params,), (v,))[1]))
+    True
+    >>> bool(jnp.allclose(lin.value_fn(params), loss))
+    True
   """
 
   value: jax.Array
@@ -136,6 +159,14 @@ def of(where: str, layer_stats: Any) -> Linearization:
   """
   lin = (layer_stats if isinstance(layer_stats, Linearization) else
          linearization(layer_stats))
+  if lin is None and isinstance(layer_stats, dict) and not layer_stats:
+    raise ValueError(
+        f'{where}: layer_stats is empty: the capture step captured no layer, '
+        'so it carries no linearization of the loss. Call the Flax model '
+        'inside the loss (linen: model.apply({"params": params}, ...); NNX: '
+        'model(...)), with layers it captures (fisher_optax.coverage lists '
+        'them), or pass the loss by hand: value=, value_fn=, outputs_fn=, '
+        'outputs_loss=.')
   if lin is None:
     raise ValueError(_missing_message(where))
   if not jax.tree.leaves(lin.outputs):

@@ -51,6 +51,18 @@ class SolveTest(parameterized.TestCase):
     np.testing.assert_allclose(w, -np.linalg.solve(self.a, self.b),
                                rtol=1e-5)
 
+  def test_nonnegative_part(self):
+    """A PSD curvature is kept as is; an indefinite one (a loss not convex
+    in the outputs) loses its negative eigenvalue."""
+    c = jnp.asarray(self.a, jnp.float32)
+    np.testing.assert_array_equal(jax.jit(_adaptive.nonnegative_part)(c), c)
+    indefinite = np.array([[1.0, 2.0], [2.0, -0.5]])
+    w, v = np.linalg.eigh(indefinite)
+    np.testing.assert_allclose(
+        _adaptive.nonnegative_part(jnp.asarray(indefinite)),
+        v @ np.diag(np.maximum(w, 0)) @ v.T, rtol=1e-6, atol=1e-6)
+    self.assertLess(float(np.min(w)), 0.0)  # the case is indefinite
+
   def test_first_step_and_singular_solve_for_alpha(self):
     a = self.a.copy()
     a[1, :] = a[:, 1] = 0.0  # delta = 0: the first step
@@ -291,13 +303,16 @@ def _setup(**kwargs):
   return params, loss_fn, fo.linen.value_grad_and_stats(loss_fn), tx
 
 
-def _train_step(tx, step_fn, loss_fn):
-  """``step(params, state) -> (params, state, updates)``, jitted."""
+def _train_step(tx, step_fn, loss_fn, short=False):
+  """``step(params, state) -> (params, state, updates)``, jitted.
+
+  ``short``: only ``layer_stats=`` (the loss from its linearization).
+  """
   @jax.jit
   def step(p, state):
     value, grads, stats = step_fn(p)
-    u, state = tx.update(grads, state, p, layer_stats=stats, value=value,
-                         value_fn=loss_fn)
+    loss = {} if short else dict(value=value, value_fn=loss_fn)
+    u, state = tx.update(grads, state, p, layer_stats=stats, **loss)
     return optax.apply_updates(p, u), state, u
   return step
 
@@ -388,10 +403,11 @@ class PlumbingTest(parameterized.TestCase):
     self.assertLessEqual(float(state.inner_state.damping), 0.2 + 1e-7)
     self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
 
-  def test_multi_steps(self):
+  @parameterized.parameters(False, True)
+  def test_multi_steps(self, short):
     params, loss_fn, step_fn, tx = _setup()
     tx = optax.MultiSteps(tx, every_k_schedule=2)
-    step = _train_step(tx, step_fn, loss_fn)
+    step = _train_step(tx, step_fn, loss_fn, short)
     state = tx.init(params)
     for i in range(4):
       params, state, u = step(params, state)

@@ -393,6 +393,16 @@ class ErrorTest(absltest.TestCase):
                                 r'model\(\.\.\.\)'):
       step(model, optimizer)
 
+  def test_linen_loss_without_a_model_call(self):
+    """A plain function of the parameters: nothing captured, no model."""
+    params = {'w': jnp.ones((3,))}
+    loss_fn = lambda p: jnp.sum(jnp.sin(p['w']) ** 2)
+    _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    self.assertEqual(stats, {})
+    tx = fo.kfac()
+    with self.assertRaisesRegex(ValueError, 'captured no layer.*model.apply'):
+      tx.update(grads, tx.init(params), params, layer_stats=stats)
+
   def test_statistics_across_a_jit_boundary(self):
     model = nn.Dense(3)
     x = jnp.ones((4, 2))

@@ -14,9 +14,9 @@ as arguments, never closed over: perturbation shapes are found with
 ``nnx.eval_shape``, which works on copies and writes nothing back, and the
 one real pass is a ``jax.linearize`` of the loss over the split state of
 ``(model, objects)``, whose new state (RNG counters, BatchNorm statistics)
-is written back once, exactly as ``nnx.value_and_grad(loss_fn)`` would. Other arguments stay
-closed over (Python flags stay static). Only the modules of ``model`` are
-captured; layers of other models run unchanged.
+is written back once, exactly as ``nnx.value_and_grad(loss_fn)`` would.
+Other arguments stay closed over (Python flags stay static). Only the
+modules of ``model`` are captured; layers of other models run unchanged.
 
 Example:
   >>> from flax import nnx
