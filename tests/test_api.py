@@ -19,6 +19,7 @@ from fisher_optax import _adaptive
 from fisher_optax import _base
 from fisher_optax import _kfac
 from fisher_optax import _kronecker
+from fisher_optax import _linearization
 from fisher_optax import _mini_block_fisher
 from fisher_optax import _pairing
 from fisher_optax import _sharding
@@ -41,7 +42,7 @@ class ApiTest(parameterized.TestCase):
 
   @parameterized.parameters(fo, _adafisher, _adaptive, _base, _kfac,
                             _kronecker, _mini_block_fisher, _sharding,
-                            _pairing, _tkfac, _train_state,
+                            _pairing, _tkfac, _train_state, _linearization,
                             capture_linen, capture_nnx)
   def test_doctests(self, module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -479,7 +479,7 @@ def value_grad_and_stats(
 
     (loss, outputs), linearized, (out, captured, states) = jax.linearize(
         wrapped, params, zeros, has_aux=True)
-    grads, cotangents = gradients(
+    grads, cotangents = _transpose_gradients(
         linearized, (params, zeros), loss, outputs, fisher, fisher_key)
     stats = _assemble(discovery, params, captured, cotangents)
 
@@ -541,7 +541,7 @@ def sampled_cotangent(fisher: str, output, key):
   return -jax.random.normal(key, output.shape) / rows
 
 
-def gradients(linearized, primals, loss, outputs, fisher: str, key):
+def _transpose_gradients(linearized, primals, loss, outputs, fisher: str, key):
   """The gradient and the layers' cotangents, by transposing the loss's
   linearization (``primals``: the parameters and the perturbations).
 

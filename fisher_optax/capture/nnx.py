@@ -353,7 +353,7 @@ def value_grad_and_stats(
         wrapped, params, zeros, rest, has_aux=True)
     rest_tangents = jax.tree.map(_zero_tangent, rest)
     linearized = lambda p, z: linearized_all(p, z, rest_tangents)
-    grads, cotangents = capture_linen.gradients(
+    grads, cotangents = capture_linen._transpose_gradients(
         linearized, (params, zeros), loss, outputs, fisher, fisher_key)
     nnx.update((model, objects), new_rest)
     stats = _assemble(model, inter, cotangents)
