@@ -110,9 +110,12 @@ class Optimizer:
     curvature: whether it takes ``layer_stats`` and ``damping``.
     layers_hint: whether it takes ``layers=`` (the Kronecker family and
       MBF need it for attention layers).
-    adaptive: whether it chooses its own learning rate and damping
-      (``fo.adaptive``, kfac-jax's adaptive mode): run at its defaults, no
-      sweep, with ``value=`` and ``value_fn=`` in every update.
+    adaptive: whether it chooses its own learning rate (and damping):
+      ``fo.adaptive``, kfac-jax's adaptive mode, the tuning-free
+      first-order optimizers of ``optax.contrib``. Run at its defaults, no
+      sweep.
+    eval_params: ``(params, opt_state) -> params`` to evaluate (the
+      schedule-free average); None: ``params``.
   """
 
   family: str
@@ -120,6 +123,7 @@ class Optimizer:
   curvature: bool
   layers_hint: bool = False
   adaptive: bool = False
+  eval_params: Callable[[Any, Any], Any] | None = None
 
 
 def _sgd_nesterov(learning_rate):
@@ -167,12 +171,31 @@ OPTIMIZERS = {
         True, False, True),
     # kfac-jax's adaptive mode as its MNIST examples configure it.
     'kfac_jax_adaptive': Optimizer('kronecker', None, True, False, True),
+    # What a user who will not tune reaches for today: optax.contrib's
+    # tuning-free first-order optimizers at their defaults, no sweep.
+    'prodigy': Optimizer('tuning_free', optax.contrib.prodigy, False,
+                         adaptive=True),
+    'dadapt_adamw': Optimizer('tuning_free', optax.contrib.dadapt_adamw,
+                              False, adaptive=True),
+    'dog': Optimizer('tuning_free', optax.contrib.dog, False,
+                     adaptive=True),
+    # Evaluated at its averaged iterate x, as the paper and optax's docs do;
+    # its training loss is the one at y, where it takes its gradients.
+    'schedule_free_adamw': Optimizer(
+        'tuning_free', optax.contrib.schedule_free_adamw, False,
+        adaptive=True,
+        eval_params=lambda params, state: (
+            optax.contrib.schedule_free_eval_params(state, params))),
 }
 # Left out of the CI check (--quick without --optimizers): the adaptive
 # step around the other preconditioners runs kfac_adaptive's code, and
 # each preconditioner is in the check as a fixed-step optimizer.
+# optax.contrib's tuning-free optimizers are optax's code; schedule-free
+# stays in the check for the study's path of optimizers at their defaults
+# (DoG's first steps are tiny by design: 20 of them move no loss).
 QUICK_SKIP = ('ekfac_adaptive', 'tkfac_adaptive', 'tekfac_adaptive',
-              'mbf_adaptive', 'adafisher_adaptive')
+              'mbf_adaptive', 'adafisher_adaptive', 'prodigy',
+              'dadapt_adamw', 'dog')
 # Spec keys that are not the factory's arguments. ``curvature=ggn`` gives
 # an adaptive optimizer the task's outputs_fn / outputs_loss (exact
 # Gauss-Newton products); the default is the captured statistics.
@@ -217,7 +240,7 @@ def resolved_defaults(spec: str) -> dict[str, str]:
   skip = {'learning_rate', 'damping', 'layers', 'loss_reduction', 'mask',
           'axis_name'}
   factories = [opt.factory]
-  if opt.adaptive:
+  if opt.adaptive and opt.curvature:
     # The initial damping is a default of the run, and so are the
     # adaptive step's own.
     skip.discard('damping')
@@ -275,6 +298,13 @@ class Compiled:
   init: Callable[[Any, float, float | None], Any]
   step: Callable[..., Any]
   compiled: bool = False
+  eval_params: Callable[[Any, Any], Any] | None = None
+
+  def evaluated(self, params, opt_state):
+    """The parameters to evaluate after a step."""
+    if self.eval_params is None:
+      return params
+    return self.eval_params(params, opt_state)
 
 
 def _schedule_warmup(tx, warmup: int):
@@ -297,6 +327,8 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
   warmup = int(settings.get('warmup', 0))
   if name in ('kfac_jax', 'kfac_jax_adaptive'):
     return _build_kfac_jax(task, kwargs, warmup, opt.adaptive)
+  if opt.adaptive and not opt.curvature:
+    return _build_defaults(opt, task, kwargs)
   if opt.adaptive:
     return _build_adaptive(task, opt, kwargs, fisher,
                            settings.get('curvature', 'captured'),
@@ -341,6 +373,25 @@ def build(task: tasks_lib.Task, name: str, settings: dict[str, Any]
     return optax.apply_updates(params, updates), opt_state, loss
 
   return Compiled(init, step)
+
+
+def _build_defaults(opt, task, kwargs) -> Compiled:
+  """A first-order optimizer at its defaults (a tuning-free one)."""
+  tx = opt.factory(**kwargs)
+  grad_fn = jax.value_and_grad(task.loss_fn)
+
+  def init(params, lr, damping):
+    del lr, damping
+    return tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, count, *batch):
+    del count
+    loss, grads = grad_fn(params, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Compiled(init, step, eval_params=opt.eval_params)
 
 
 def _build_adaptive(task, opt, kwargs, fisher, curvature,
@@ -485,7 +536,8 @@ def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
     if (count + 1) % eval_every == 0 or count + 1 == steps:
       evals['step'].append(count + 1)
       evals['seconds'].append(elapsed)
-      last_validation = (count + 1, task.evaluate(params, 'validation'))
+      last_validation = (count + 1, task.evaluate(
+          compiled.evaluated(params, opt_state), 'validation'))
       evals['loss'].append(last_validation[1]['loss'])
     if budget_seconds and elapsed >= budget_seconds:
       break
@@ -497,7 +549,7 @@ def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
     elif split == 'validation' and last_validation[0] == len(losses):
       got = last_validation[1]
     else:
-      got = task.evaluate(params, split)
+      got = task.evaluate(compiled.evaluated(params, opt_state), split)
     finals[split] = {k: (v if math.isfinite(v) else math.inf)
                      for k, v in got.items()} or {'loss': math.inf}
   if not math.isfinite(finals['validation']['loss']):
@@ -832,10 +884,11 @@ def quick(optimizers: list[str], tasks: list[str]) -> list[str]:
     for spec in optimizers:
       name, _ = parse_spec(spec)
       opt = OPTIMIZERS[name]
-      lr, damping = study.task.quick.get(
-          opt.family, (study.task.lr_centre[opt.family], DEFAULT_DAMPING))
       if opt.adaptive:
         lr, damping = None, None
+      else:
+        lr, damping = study.task.quick.get(
+            opt.family, (study.task.lr_centre[opt.family], DEFAULT_DAMPING))
       try:
         record = study.run(spec, lr, damping if opt.curvature else None, 0)
       except Skip as e:
