@@ -627,8 +627,10 @@ def _no_argument_table(summary, tasks) -> list[str]:
     row = summary[task].get(spec)
     kfac = summary[task].get('kfac')
     # The same preconditioner with a tuned learning rate and damping.
-    own_name = convergence.parse_spec(spec)[0].removesuffix('_adaptive')
-    own = summary[task].get(own_name) if own_name != 'kfac' else None
+    name = convergence.parse_spec(spec)[0]
+    own_name = name.removesuffix('_adaptive')
+    own = (summary[task].get(own_name)
+           if own_name not in ('kfac', name) else None)
     if row is None:
       return DASH
     relative = ''
@@ -644,7 +646,8 @@ def _no_argument_table(summary, tasks) -> list[str]:
   return [
       '## Optimizers without a learning rate', '',
       'Run at their defaults, no sweep (`fo.adaptive`; kfac-jax\'s adaptive '
-      'mode as its examples configure it). Each cell: steps / seconds to '
+      'mode as its examples configure it; `optax.contrib`\'s tuning-free '
+      'first-order optimizers). Each cell: steps / seconds to '
       'Adam\'s final training loss as above; then the final validation '
       'loss as a ratio to tuned K-FAC\'s (`kfac` at its best setting, mean '
       'over seeds) and, as "own", to that of the same preconditioner with '
