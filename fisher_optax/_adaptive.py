@@ -343,7 +343,7 @@ def adaptive(
       raise ValueError(f'{where}: update needs params: tx.update(grads, '
                        'state, params, layer_stats=layer_stats).')
     linearized = None
-    if (value, value_fn, outputs_fn, outputs_loss) == (None,) * 4:
+    if all(x is None for x in (value, value_fn, outputs_fn, outputs_loss)):
       linearized = _linearization.of(where, linearization or layer_stats)
       value, value_fn = linearized.value, linearized.value_fn
     if value is None or value_fn is None:
