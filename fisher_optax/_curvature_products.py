@@ -258,6 +258,13 @@ def linearization_products(linearization, params, vectors: Sequence[Any],
   """
   lin = linearization
   paths, leaves, treedef = _base.flatten_leaves(lin.params)
+  given = len(jax.tree.leaves(params, is_leaf=_base.is_masked))
+  if given != len(leaves):
+    raise ValueError(
+        f'the update\'s parameters have {given} leaves, the ones the capture '
+        f'step differentiated {len(leaves)}: the one-keyword adaptive step '
+        'needs all of them (pass value=, value_fn=, outputs_fn= and '
+        'outputs_loss= to update a part).')
   outside = set(lin.outside())
   used = [p in outside for p in paths]
   vectors = [_zeros_for_masked(v, params) for v in vectors]
@@ -279,13 +286,7 @@ def linearization_products(linearization, params, vectors: Sequence[Any],
     return lin.loss_of(jax.tree.unflatten(treedef, full), outputs)
 
   def pick(v):
-    v_leaves = jax.tree.leaves(v)
-    if len(v_leaves) != len(leaves):
-      raise ValueError(
-          f'the update\'s parameters have {len(v_leaves)} leaves, the '
-          f'captured ones {len(leaves)}: pass tx.update the parameters the '
-          'capture step differentiated.')
-    return [x for x, u in zip(v_leaves, used) if u]
+    return [x for x, u in zip(jax.tree.leaves(v), used) if u]
 
   read = [leaf for leaf, u in zip(leaves, used) if u]
   tangents = [(pick(v), t) for v, t in zip(vectors, outputs_tangents)]

@@ -403,6 +403,20 @@ class ErrorTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'captured no layer.*model.apply'):
       tx.update(grads, tx.init(params), params, layer_stats=stats)
 
+  def test_update_of_a_part_of_the_parameters(self):
+    model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(3)])
+    x = jnp.ones((4, 2))
+    params = model.init(jax.random.key(0), x)['params']
+    loss_fn = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
+    _, grads, stats = fo.linen.value_grad_and_stats(loss_fn)(params)
+    part = {'layers_2': params['layers_2']}
+    tx = fo.kfac()
+    with self.assertRaisesRegex(ValueError, 'have 2 leaves.*differentiated '
+                                '4.*outputs_loss= to update a part'):
+      tx.update({'layers_2': grads['layers_2']}, tx.init(part), part,
+                layer_stats={'layers_2': stats['layers_2']},
+                linearization=fo.linearization(stats))
+
   def test_statistics_across_a_jit_boundary(self):
     model = nn.Dense(3)
     x = jnp.ones((4, 2))
