@@ -1032,7 +1032,7 @@ def check_options(where: str, *, stats_every, inverse_every, block_size,
       'conv_scaling': ('per_example', 'per_position'),
       'dense_damping': ('beta', 'fixed'),
       'conv_damping': ('normal', 'adaptive'),
-      'weight_sharing': ('expand', 'reduce'),
+      'weight_sharing': ('expand', 'reduce', 'auto'),
   }
   _base.check_options(
       where, periods={'stats_every': stats_every,

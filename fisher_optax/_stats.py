@@ -523,12 +523,17 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
       has a bias (False for a frozen bias: the layer is then bias-less).
     weight_sharing: ``'expand'`` or ``'reduce'`` (:func:`reduce_rows`; a
       conv's position means then come from :func:`conv_patch_means`, with
-      no patches formed).
+      no patches formed), or ``'auto'``: reduce for a conv layer, expand
+      for a dense one.
 
   Returns:
     The layer's :class:`KroneckerRows`.
   """
   meta = st.meta
+  if weight_sharing == 'auto':
+    # A conv's positions share one example's label (reduce's setting); a
+    # dense layer's tokens often have a loss each (expand's).
+    weight_sharing = 'reduce' if meta.kind == 'conv' else 'expand'
   k = meta.stack_ndim
   kernel_name = meta.param_name('kernel')
   kernel = meta.param_shape(kernel_name)

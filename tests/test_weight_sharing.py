@@ -125,6 +125,13 @@ class ExplicitFormulaTest(parameterized.TestCase):
     for factor in ('A', 'G'):
       _assert_close(stats[name][factor][0, 0], ref[weight_sharing][factor])
 
+  @parameterized.parameters(('conv', 'reduce'), ('tokens', 'expand'))
+  def test_auto_reduces_convs_and_expands_dense_layers(self, kind, want):
+    params, loss, name, ref = _problem(kind)
+    stats = _stats_after_one_step('kfac', params, loss, 'auto')
+    for factor in ('A', 'G'):
+      _assert_close(stats[name][factor][0, 0], ref[want][factor])
+
   @parameterized.parameters('conv', 'tokens')
   def test_tkfac_statistics_per_example(self, kind):
     params, loss, name, ref = _problem(kind)
