@@ -562,7 +562,14 @@ def run_one(task: tasks_lib.Task, compiled: Compiled, lr: float,
     curve['loss'].append(float(f'{np.mean(losses[start:end]):.6g}'))
     curve['seconds'].append(round(times[end - 1], 4))
   step_s = np.diff([0.0] + times)
+  adaptive = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, fo.AdaptiveState))
+              if isinstance(x, fo.AdaptiveState)]
+  extra = {}
+  if adaptive:  # how many steps paid for the exact quadratic model
+    extra['exact_models'] = int(adaptive[0].exact_models)
   return {
+      **extra,
       'steps_done': len(losses), 'diverged': diverged,
       'curve': curve, 'eval': evals, 'final': finals,
       'step_seconds_median': float(np.median(step_s)),
@@ -716,7 +723,8 @@ class Study:
 
 
 def time_steps(task: tasks_lib.Task, settings: dict[str, tuple],
-               period: int, repeats: int) -> dict[str, list[float]]:
+               period: int, repeats: int, contiguous: bool = False
+               ) -> dict[str, list[float]]:
   """Seconds of each step of a ``period``, every optimizer side by side.
 
   A step's cost does not depend on the data or on the learning rate, only
@@ -727,15 +735,22 @@ def time_steps(task: tasks_lib.Task, settings: dict[str, tuple],
   that drift of the machine hits them alike; each step's time is the median
   over the repeats.
 
+  With ``contiguous``, the warm-up runs on a copy and the profile is the
+  blocks one after another: the time of each of the run's first ``period
+  x repeats`` steps, for a step whose cost depends on the data (the
+  adaptive step's carried quadratic models, ``model_every``).
+
   Args:
     task: the task.
     settings: spec -> ``(lr, damping)``.
     period: steps per block; a multiple of every statistics and inverse
       period of the specs.
     repeats: blocks per optimizer.
+    contiguous: see above.
 
   Returns:
-    spec -> ``period`` seconds, the median time of each step of a block.
+    spec -> ``period`` seconds, the median time of each step of a block
+    (``contiguous``: ``period x repeats`` seconds).
   """
   states = {}
   for spec, (lr, damping) in settings.items():
@@ -746,12 +761,19 @@ def time_steps(task: tasks_lib.Task, settings: dict[str, tuple],
     params = spec_task.init(0)
     opt_state = compiled.init(params, lr, damping)
     states[spec] = [compiled, params, opt_state, spec_task.batches(0), 0]
-    _time_block(states[spec], period)  # compiles and warms up
+    warm = states[spec]
+    if contiguous:  # kfac-jax donates its arguments: copies
+      warm = [compiled, *jax.tree.map(jnp.copy, (params, opt_state)),
+              spec_task.batches(0), 0]
+    _time_block(warm, period)  # compiles and warms up
   times = {spec: [] for spec in settings}
   for rep in range(repeats):
     order = list(settings)[::-1 if rep % 2 else 1]
     for spec in order:
       times[spec].append(_time_block(states[spec], period))
+  if contiguous:
+    return {spec: [x for block in t for x in block]
+            for spec, t in times.items()}
   return {spec: [float(np.median(col)) for col in zip(*t)]
           for spec, t in times.items()}
 
@@ -823,7 +845,7 @@ def merge_profiles(saved: dict, settings: dict, profiles: dict,
 
 
 def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
-           repeats: int) -> str:
+           repeats: int, contiguous: bool = False) -> str:
   """Profiles each spec's best cached setting; writes ``<task>.json``."""
   import _convergence_report  # pylint: disable=g-import-not-at-top
   records = _convergence_report.load_records(os.path.join(cache_dir,
@@ -843,8 +865,8 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
   if BASELINE in saved['profiles'] and BASELINE not in settings:
     settings[BASELINE] = tuple(saved['settings'][BASELINE])
   task = tasks_lib.TASKS[task_name]('full')
-  profiles = time_steps(task, settings, period, repeats)
-  run = {'period': period, 'repeats': repeats,
+  profiles = time_steps(task, settings, period, repeats, contiguous)
+  run = {'period': period, 'repeats': repeats, 'contiguous': contiguous,
          'xla_flags': os.environ.get('XLA_FLAGS', ''),
          'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
   merged = merge_profiles(saved, settings, profiles, run)
@@ -927,6 +949,9 @@ def main(argv=None) -> int:
                       'cached setting side by side (run on a quiet machine)')
   parser.add_argument('--period', type=int, default=40)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--contiguous', action='store_true',
+                      help='with --timing: profiles of the runs\' own '
+                      'steps, for costs that depend on the data')
   parser.add_argument('--cache', default=os.path.join(RESULTS, 'cache'))
   args = parser.parse_args(argv)
 
@@ -954,7 +979,8 @@ def main(argv=None) -> int:
     for task_name in tasks:
       # Without --optimizers: every spec the cache has runs of.
       timing(task_name, args.cache, os.path.join(RESULTS, 'timing'),
-             args.optimizers and optimizers, args.period, args.repeats)
+             args.optimizers and optimizers, args.period, args.repeats,
+             args.contiguous)
     return 0
   print(f'JAX {jax.__version__} on {jax.default_backend()}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)

@@ -46,6 +46,18 @@ class AdaptiveState(NamedTuple):
     model_change: :math:`M(d)` of the last step (negative: a decrease).
     rejected: steps that fell back to no update (a non-finite or
       non-decreasing model, or a non-finite loss after the step).
+    exact_models: steps that took the exact model (the others took
+      :func:`carried_model`).
+    curvature_scale: :math:`\kappa`, the exact model's damped curvature
+      along :math:`\Delta` over the preconditioner's own, at the last exact
+      model (1 before it).
+    reference_change: :math:`M(d)` of the last exact model, when its
+      :math:`\kappa` agreed with the one before within a factor of 3
+      and no step has been rejected since; else 0, and the next step
+      takes the exact model.
+    step_curvature: :math:`d^\top (C + \lambda I) d` of the last step
+      :math:`d` (0 when none was taken), the model's curvature along the
+      next step's :math:`\delta`.
     delta: the last update :math:`\delta`.
     inner: the preconditioner's state.
 
@@ -75,13 +87,32 @@ class AdaptiveState(NamedTuple):
   rho: jax.Array
   model_change: jax.Array
   rejected: jax.Array
+  exact_models: jax.Array
+  curvature_scale: jax.Array
+  reference_change: jax.Array
+  step_curvature: jax.Array
   delta: Any
   inner: Any
 
 
+# Consecutive exact models whose curvature scales agree within this factor
+# let the steps up to the next exact model carry the scale.
+_STEADY = 3.0
+# A carried model predicting more than this many times the decrease of the
+# last exact one is replaced by the exact model on its step.
+_TRUST = 2.0
+
 # A 2x2 model whose determinant is below this fraction of its diagonal's
 # product has (numerically) collinear directions: solve for alpha alone.
 _SINGULAR = 1e-6
+
+
+def _static_int(x):
+  """``x`` as a Python int, or None when it is traced."""
+  try:
+    return int(x)
+  except TypeError:
+    return None
 
 
 def solve_quadratic_model(a, b, learning_rate=None, momentum=None,
@@ -135,6 +166,39 @@ def nonnegative_part(c):
   return jnp.where(w[0] < 0, (v * jnp.maximum(w, 0.0)) @ v.T, c)
 
 
+def carried_model(b, curvature_scale, step_curvature, damping, gram):
+  r"""The damped :math:`2 \times 2` model between exact models, for free.
+
+  A preconditioner direction :math:`\Delta = P g` with :math:`P`
+  symmetric has :math:`\Delta^\top P^{-1} \Delta = g^\top \Delta = b_0`
+  and :math:`\Delta^\top P^{-1} \delta = g^\top \delta = b_1`: the
+  preconditioner's own curvature along the model's directions is known from
+  the inner products :math:`b` alone. Scaled by :math:`\kappa` (the exact
+  curvature over :math:`P^{-1}` along :math:`\Delta`, measured at the last
+  exact model), these estimate the first row; the last step's own model
+  curvature, :math:`s = \delta^\top C \delta`, gives the corner:
+
+  .. math::
+    A \approx \begin{pmatrix} \kappa b_0 & \kappa b_1 \\
+      \kappa b_1 & s + \lambda \lVert\delta\rVert^2 \end{pmatrix}.
+
+  Args:
+    b: the gradient's inner products with :math:`(\Delta, \delta)`.
+    curvature_scale: :math:`\kappa`.
+    step_curvature: :math:`s`, the undamped model curvature along
+      :math:`\delta` when it was taken.
+    damping: :math:`\lambda`.
+    gram: the directions' inner products.
+
+  Returns:
+    ``A``, shape ``(2, 2)``.
+  """
+  a01 = curvature_scale * b[1]
+  return jnp.stack([
+      jnp.stack([curvature_scale * b[0], a01]),
+      jnp.stack([a01, step_curvature + damping * gram[1, 1]])])
+
+
 def model_change(a, b, w):
   r""":math:`M(d) - M(0) = \tfrac12 w^\top A w + b^\top w`."""
   return 0.5 * w @ a @ w + b @ w
@@ -176,6 +240,7 @@ def adaptive(
     learning_rate: jax.typing.ArrayLike | None = None,
     momentum: jax.typing.ArrayLike | None = None,
     adapt_every: int = 5,
+    model_every: int = 1,
     damping_decay: jax.typing.ArrayLike = 0.95,
     min_damping: jax.typing.ArrayLike = 1e-8,
     max_damping: jax.typing.ArrayLike = 1e4,
@@ -248,6 +313,11 @@ def adaptive(
       max_momentum]`` (and :math:`\alpha` re-solved for it); None leaves
       it free, as Martens & Grosse do.
     adapt_every: :math:`T`, steps between damping adaptations.
+    model_every: steps between exact models (curvature products); the
+      steps between take :func:`carried_model`, which costs no pass
+      through the model. Must divide ``adapt_every``, and should divide
+      the preconditioner's ``inverse_every`` (the carried model assumes
+      the preconditioner's scale has not changed since the exact one).
     damping_decay: per-step factor; :math:`\lambda` moves by
       :math:`\omega = \text{damping\_decay}^T` per adaptation.
     min_damping: lower clip of :math:`\lambda`.
@@ -303,12 +373,21 @@ def adaptive(
                      f'{loss_reduction!r}.')
   _base.check_hyperparams(
       where, positive={'damping': damping, 'adapt_every': adapt_every,
+                       'model_every': model_every,
                        'max_damping': max_damping},
       nonnegative={'min_damping': min_damping,
                    'weight_decay': weight_decay},
       decays={'damping_decay': damping_decay,
               'max_momentum': max_momentum},
       finite={'learning_rate': learning_rate, 'momentum': momentum})
+  # Under optax.inject_hyperparams the periods may be traced: the carried
+  # model's structure is then built and model_every chooses at run time.
+  static_every = _static_int(model_every)
+  static_adapt = _static_int(adapt_every)
+  if None not in (static_every, static_adapt) and static_adapt % static_every:
+    raise ValueError(
+        f'{where}: model_every={model_every} must divide adapt_every='
+        f'{adapt_every}: the damping rule measures the exact model.')
   decay_l2 = _base.add_decayed_weights(weight_decay, mask)
   preconditioner = optax.with_extra_args_support(preconditioner)
 
@@ -331,6 +410,9 @@ def adaptive(
         learning_rate=scalar(0.0), momentum=scalar(0.0),
         rho=scalar(0.0), model_change=scalar(0.0),
         rejected=jnp.zeros([], jnp.int32),
+        exact_models=jnp.zeros([], jnp.int32),
+        curvature_scale=scalar(1.0), reference_change=scalar(0.0),
+        step_curvature=scalar(0.0),
         delta=jax.tree.map(
             lambda x: x if _base.is_masked(x) else jnp.zeros_like(x),
             params, is_leaf=_base.is_masked),
@@ -384,22 +466,57 @@ def adaptive(
 
     adapt = state.count % adapt_every == 0
     both_fixed = learning_rate is not None and momentum is not None
-    if both_fixed:
-      # Only the damping rule needs the model: build it on its steps.
-      c = lax.cond(adapt, lambda: curvature().astype(dtype),
-                   lambda: jnp.zeros((2, 2), dtype))
-    else:
-      c = curvature().astype(dtype)
-    c = nonnegative_part(c)
     gram = _gram(vectors).astype(dtype)
     l2_gram = _gram(vectors, [l2_term(v) for v in vectors]).astype(dtype)
     b = jnp.stack([_curvature_products.vdot(grads, v)
                    for v in vectors]).astype(dtype)
     if axis_name is not None:
       b, gram, l2_gram = lax.pmean((b, gram, l2_gram), axis_name)
-    a = c + l2_gram + state.damping * gram
-    w = solve_quadratic_model(a, b, learning_rate, momentum, max_momentum)
-    change = model_change(c + l2_gram, b, w)
+    solve = lambda a, mu: solve_quadratic_model(a, b, learning_rate, mu,
+                                                max_momentum)
+    carries = not both_fixed and (static_every is None or static_every > 1)
+    if carries:
+      carried = carried_model(b, state.curvature_scale, state.step_curvature,
+                              state.damping, gram)
+      w_carried = solve(carried, momentum)
+      carried_change = model_change(carried - state.damping * gram, b,
+                                    w_carried)
+      # A carried learning rate is a fixed one: along a direction stiffer
+      # than the last exact model's it diverges within a few steps, its
+      # predicted decrease growing with each. Trusted while it predicts at
+      # most _TRUST times the last carried exact model's decrease (0: not
+      # trusted).
+      trusted = (carried_change < 0) & (
+          carried_change >= _TRUST * state.reference_change)
+      exact = (state.count % model_every == 0) | ~trusted
+    else:
+      # Only the damping rule needs the model when both are fixed.
+      exact = adapt if both_fixed else True
+    if both_fixed or carries:
+      c = lax.cond(exact, lambda: curvature().astype(dtype),
+                   lambda: jnp.zeros((2, 2), dtype))
+    else:
+      c = curvature().astype(dtype)
+    undamped = nonnegative_part(c) + l2_gram
+    a = undamped + state.damping * gram
+    w = solve(a, momentum)
+    change = model_change(undamped, b, w)
+    kappa, reference = state.curvature_scale, state.reference_change
+    if carries:
+      # The exact model's damped curvature over the preconditioner's own
+      # along Delta (b_0, see carried_model). Early in training, or after
+      # the preconditioner changes, it moves by orders of magnitude from
+      # one step to the next: only a steady one is carried.
+      measured_kappa = a[0, 0] / b[0]
+      measured = exact & jnp.isfinite(measured_kappa) & (measured_kappa > 0)
+      steady = measured & (state.count > 0) & (
+          jnp.abs(jnp.log(measured_kappa / kappa)) < jnp.log(_STEADY))
+      kappa = jnp.where(measured, measured_kappa, kappa)
+      reference = jnp.where(exact, jnp.where(steady, change, 0.0),
+                            reference)
+      w = jnp.where(exact, w, w_carried)
+      change = jnp.where(exact, change, carried_change)
+      undamped = jnp.where(exact, undamped, carried - state.damping * gram)
     valid = jnp.all(jnp.isfinite(w)) & jnp.isfinite(change) & (change < 0)
     step = _combine(w, direction, state.delta)
 
@@ -442,17 +559,34 @@ def adaptive(
         rho=jnp.where(measured, rho, state.rho),
         model_change=jnp.where(taken, change, 0.0),
         rejected=state.rejected + (~taken).astype(jnp.int32),
+        exact_models=state.exact_models + jnp.asarray(exact, jnp.int32),
+        curvature_scale=kappa,
+        reference_change=jnp.where(taken, reference, 0.0),
+        step_curvature=jnp.where(taken, w @ undamped @ w, 0.0),
         delta=step,
         inner=inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def check_model_every(where: str, model_every: int,
+                      inverse_every: int | None) -> None:
+  """``model_every`` divides ``inverse_every`` (a carried model never
+  spans a refresh of the preconditioner's inverses)."""
+  _base.check_hyperparams(where, positive={'model_every': model_every})
+  if inverse_every is not None and inverse_every % model_every:
+    raise ValueError(
+        f'{where}: model_every={model_every} must divide inverse_every='
+        f'{inverse_every}: the carried quadratic model assumes the '
+        'preconditioner has not changed since the exact one.')
+
+
 def fixed_or_adaptive(
     make_preconditioner: Callable[[Any], optax.GradientTransformation],
     learning_rate: optax.ScalarOrSchedule | None, momentum: Any,
     damping: Any, weight_decay: Any, mask: Any, *, loss_reduction: str,
-    axis_name: str | None, where: str
+    axis_name: str | None, where: str, model_every: int = 1,
+    inverse_every: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
   """The step of an optimizer alias: a learning rate, or :func:`adaptive`.
 
@@ -468,13 +602,17 @@ def fixed_or_adaptive(
     loss_reduction: how the loss reduces the batch.
     axis_name: data-parallel axis name, or None.
     where: the alias's name, for messages.
+    model_every: :func:`adaptive`'s ``model_every``.
+    inverse_every: the preconditioner's, which ``model_every`` must divide.
 
   Returns:
     The transformation.
   """
+  check_model_every(where, model_every, inverse_every)
   if learning_rate is None:
     return adaptive(make_preconditioner(0.0), damping,
                     weight_decay=weight_decay, mask=mask,
-                    loss_reduction=loss_reduction, axis_name=axis_name)
+                    loss_reduction=loss_reduction, axis_name=axis_name,
+                    model_every=model_every)
   return _base.with_l2(make_preconditioner(momentum), learning_rate,
                        weight_decay, mask, where=where)

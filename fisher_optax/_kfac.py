@@ -151,6 +151,7 @@ def kfac(
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
     loss_scale: float = 1.0,
+    model_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC with heavy-ball momentum (or Adam-style, see below).
 
@@ -265,6 +266,10 @@ def kfac(
       cheaper; see ``docs/kronecker.md``. Embeddings always expand. In the
       convergence study reduce won per second on convolutional nets and
       lost on a language model (a per-token loss, expand's setting).
+    model_every: with no learning rate, steps between exact quadratic
+      models (each a pass through the model); the steps between take the
+      carried model of :func:`fisher_optax.adaptive`, which costs none.
+      Must divide ``inverse_every`` and 5 (the damping's ``adapt_every``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update``
@@ -314,7 +319,8 @@ def kfac(
           decay_schedule=decay_schedule, conv_scaling=conv_scaling,
           weight_sharing=weight_sharing),
       learning_rate, momentum, damping, weight_decay, mask,
-      loss_reduction=loss_reduction, axis_name=axis_name, where=where),
+      loss_reduction=loss_reduction, axis_name=axis_name, where=where,
+      model_every=model_every, inverse_every=inverse_every),
       loss_scale, where)
 
 

@@ -470,6 +470,7 @@ def mini_block_fisher(
     spread_inverses: str | None = None,
     mask: Any = None,
     loss_scale: float = 1.0,
+    model_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Mini-Block Fisher (MBF) with heavy-ball momentum and decoupled decay.
 
@@ -591,6 +592,10 @@ def mini_block_fisher(
       pixels, the batch size for a sum over the batch). Gradients and
       captured cotangents are divided by it: the optimizer takes exactly
       the steps it takes on ``loss / loss_scale``.
+    model_every: with no learning rate, steps between exact quadratic
+      models (each a pass through the model); the steps between take the
+      carried model of :func:`fisher_optax.adaptive`, which costs none.
+      Must divide ``inverse_every`` and 5 (the damping's ``adapt_every``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
@@ -639,10 +644,11 @@ def mini_block_fisher(
       fallback=fallback, fallback_b2=fallback_b2,
       fallback_eps=fallback_eps, layers=layers, axis_name=axis_name,
       spread_inverses=spread_inverses)
+  _adaptive.check_model_every(where, model_every, inverse_every)
   if learning_rate is None:
     return _base.with_loss_scale(_adaptive.adaptive(
         precondition(0.0), damping, weight_decay=weight_decay, mask=mask,
-        axis_name=axis_name), loss_scale, where)
+        axis_name=axis_name, model_every=model_every), loss_scale, where)
   return _base.with_loss_scale(optax.chain(
       precondition(momentum),
       _base.add_decayed_weights(weight_decay, mask),

@@ -175,6 +175,7 @@ def tkfac(
     weight_sharing: str = 'expand',
     dense_damping: str = 'beta',
     loss_scale: float = 1.0,
+    model_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""TKFAC: trace-restricted K-FAC (the paper's TKFAC_nor).
 
@@ -268,6 +269,10 @@ def tkfac(
       TEKFAC paper: layers other than convolutions are damped by ``beta``,
       the largest conv layer's adaptive damping) or ``'fixed'``
       (``damping``). Only models with convolutions are affected.
+    model_every: with no learning rate, steps between exact quadratic
+      models (each a pass through the model); the steps between take the
+      carried model of :func:`fisher_optax.adaptive`, which costs none.
+      Must divide ``inverse_every`` and 5 (the damping's ``adapt_every``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update``
@@ -316,7 +321,8 @@ def tkfac(
           conv_scaling=conv_scaling, dense_damping=dense_damping,
           weight_sharing=weight_sharing),
       learning_rate, momentum, damping, weight_decay, mask,
-      loss_reduction=loss_reduction, axis_name=axis_name, where=where),
+      loss_reduction=loss_reduction, axis_name=axis_name, where=where,
+      model_every=model_every, inverse_every=inverse_every),
       loss_scale, where)
 
 

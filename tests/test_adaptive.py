@@ -51,6 +51,24 @@ class SolveTest(parameterized.TestCase):
     np.testing.assert_allclose(w, -np.linalg.solve(self.a, self.b),
                                rtol=1e-5)
 
+  def test_carried_model_is_exact_for_a_scaled_preconditioner(self):
+    """With C + lambda I = kappa P^{-1}, the carried model from b alone is
+    the exact damped model of (Delta, delta) = (P g, delta)."""
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(6, 6))
+    c, lam, kappa = m @ m.T, 0.3, 2.5
+    p = kappa * np.linalg.inv(c + lam * np.eye(6))
+    g, delta = rng.normal(size=6), rng.normal(size=6)
+    vs = [p @ g, delta]
+    want = np.array([[u @ (c + lam * np.eye(6)) @ v for v in vs]
+                     for u in vs])
+    gram = np.array([[u @ v for v in vs] for u in vs])
+    got = jax.jit(_adaptive.carried_model)(
+        jnp.asarray([g @ v for v in vs]), kappa, delta @ c @ delta, lam,
+        jnp.asarray(gram))
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max())
+
   def test_nonnegative_part(self):
     """A PSD curvature is kept as is; an indefinite one (a loss not convex
     in the outputs) loses its negative eigenvalue."""
@@ -117,44 +135,84 @@ def _toy_loss(theta, x, y):
   return np.mean(_log_cosh(x @ theta - y))
 
 
-def _numpy_trajectory(batches, theta, lam, every, decay, max_momentum):
-  """Martens & Grosse's adaptive step with an identity preconditioner."""
+def _numpy_solve(a, b, max_momentum):
+  det = a[0, 0] * a[1, 1] - a[0, 1] ** 2
+  if det > 1e-6 * a[0, 0] * a[1, 1]:
+    w = -np.linalg.solve(a, b)
+    if max_momentum is not None and not 0 <= w[1] <= max_momentum:
+      mu = min(max(w[1], 0.0), max_momentum)
+      w = np.array([-(b[0] + a[0, 1] * mu) / a[0, 0], mu])
+    return w
+  return np.array([-b[0] / a[0, 0], 0.0])
+
+
+def _numpy_trajectory(batches, theta, lam, every, decay, max_momentum,
+                      model_every=1):
+  """Martens & Grosse's adaptive step with an identity preconditioner.
+
+  With ``model_every`` > 1, the steps between exact models take the carried
+  model (``fo.adaptive``'s docstring) while it is trusted.
+  """
   omega = decay ** every
   delta = np.zeros_like(theta)
   lams, mus, rejected = [], [], 0
+  kappa, reference, step_curvature = 1.0, 0.0, 0.0
+  # Exact models: all, those of steps off the schedule where the last
+  # exact model was not steady (reference 0), and where the carried one
+  # was not trusted.
+  exact_models = {'all': 0, 'unsteady': 0, 'untrusted': 0}
   for t, (x, y) in enumerate(batches):
     n = len(y)
     r = x @ theta - y
     value = _toy_loss(theta, x, y)
     g = x.T @ np.tanh(r) / n
     s = (1.0 - np.tanh(r) ** 2) / n  # Gauss-Newton of log cosh
-    vs = [g, delta]
-    c = np.array([[(x @ u) @ (s * (x @ v)) for v in vs] for u in vs])
+    vs = [g, delta]  # the identity preconditioner's direction is g
     gram = np.array([[u @ v for v in vs] for u in vs])
     b = np.array([g @ v for v in vs])
-    a = c + lam * gram
-    det = a[0, 0] * a[1, 1] - a[0, 1] ** 2
-    if det > 1e-6 * a[0, 0] * a[1, 1]:
-      w = -np.linalg.solve(a, b)
-      if max_momentum is not None and not 0 <= w[1] <= max_momentum:
-        mu = min(max(w[1], 0.0), max_momentum)
-        w = np.array([-(b[0] + a[0, 1] * mu) / a[0, 0], mu])
+    exact = True
+    if model_every > 1:
+      # The identity's own curvature along (g, delta) is their Gram matrix.
+      carried = kappa * gram
+      carried[1, 1] = step_curvature + lam * gram[1, 1]
+      w_carried = _numpy_solve(carried, b, max_momentum)
+      carried_undamped = carried - lam * gram
+      carried_change = (0.5 * w_carried @ carried_undamped @ w_carried
+                        + b @ w_carried)
+      exact = (t % model_every == 0 or not
+               (2.0 * reference <= carried_change < 0))
+      if exact and t % model_every:
+        exact_models['unsteady' if reference == 0 else 'untrusted'] += 1
+    if exact:
+      exact_models['all'] += 1
+      c = np.array([[(x @ u) @ (s * (x @ v)) for v in vs] for u in vs])
+      a = c + lam * gram
+      w = _numpy_solve(a, b, max_momentum)
+      undamped = c
+      measured = a[0, 0] / b[0]
+      steady = t > 0 and abs(np.log(measured / kappa)) < np.log(3.0)
+      kappa = measured
+      reference = None if steady else 0.0
     else:
-      w = np.array([-b[0] / a[0, 0], 0.0])
-    change = 0.5 * w @ c @ w + b @ w
-    step = w[0] * g + w[1] * delta
+      w, undamped = w_carried, carried_undamped
+    change = 0.5 * w @ undamped @ w + b @ w
+    if reference is None:
+      reference = change
+    step, taken = w[0] * g + w[1] * delta, True
     if t % every == 0:
       new_loss = _toy_loss(theta + step, x, y)
       if new_loss > value:  # rejected: no step, the damping grows
-        step, lam = np.zeros_like(theta), lam / omega
+        step, lam, taken = np.zeros_like(theta), lam / omega, False
         rejected += 1
+        reference = 0.0
       else:
         lam = _numpy_lm(lam, (new_loss - value) / change, omega)
+    step_curvature = w @ undamped @ w if taken else 0.0
     theta = theta + step
     delta = step
     lams.append(lam)
     mus.append(w[1])
-  return np.array(lams), np.array(mus), theta, rejected
+  return np.array(lams), np.array(mus), theta, rejected, exact_models
 
 
 class TrajectoryTest(parameterized.TestCase):
@@ -164,7 +222,7 @@ class TrajectoryTest(parameterized.TestCase):
     steps, every, decay, lam0 = 20, 2, 0.5, 1e-3
     batches = _toy_batches(steps)
     theta0 = np.zeros(4)
-    want, mus, want_theta, rejected = _numpy_trajectory(
+    want, mus, want_theta, rejected, _ = _numpy_trajectory(
         batches, theta0, lam0, every, decay, max_momentum)
     self.assertGreater(rejected, 0)  # the rejection must be exercised
     if max_momentum is not None:  # the clip must be exercised
@@ -176,29 +234,59 @@ class TrajectoryTest(parameterized.TestCase):
     with jax.enable_x64(True):
       tx = fo.adaptive(optax.identity(), damping=lam0, adapt_every=every,
                        damping_decay=decay, max_momentum=max_momentum)
-
-      def loss(p, x, y):
-        return jnp.mean(_log_cosh(x @ p['w'] - y, jnp))
-
-      @jax.jit
-      def step(p, state, x, y):
-        value, grads = jax.value_and_grad(loss)(p, x, y)
-        u, state = tx.update(
-            grads, state, p, value=value,
-            value_fn=lambda q: loss(q, x, y),
-            outputs_fn=lambda q: x @ q['w'],
-            outputs_loss=lambda z: jnp.mean(_log_cosh(z - y, jnp)))
-        return optax.apply_updates(p, u), state
-
-      p = {'w': jnp.asarray(theta0)}
-      state = tx.init(p)
-      got = []
-      for x, y in batches:
-        p, state = step(p, state, jnp.asarray(x), jnp.asarray(y))
-        got.append(float(state.damping))
-      self.assertEqual(int(state.rejected), rejected)
+      got, p, state = _jax_trajectory(tx, batches, theta0)
+    self.assertEqual(int(state.rejected), rejected)
     np.testing.assert_allclose(got, want, rtol=1e-9)
     np.testing.assert_allclose(p['w'], want_theta, rtol=1e-8, atol=1e-10)
+
+  @parameterized.parameters((None,), (0.5,))
+  def test_carried_model_equals_numpy_loop(self, max_momentum):
+    steps, every, decay, lam0, model_every = 60, 4, 0.5, 1e-3, 4
+    batches = _toy_batches(steps)
+    theta0 = np.zeros(4)
+    want, _, want_theta, rejected, exact_models = _numpy_trajectory(
+        batches, theta0, lam0, every, decay, max_momentum, model_every)
+    # Carried steps, and exact models off the schedule for either reason,
+    # must all be exercised.
+    self.assertLess(exact_models['all'], steps)
+    self.assertGreater(exact_models['unsteady'], 0)
+    self.assertGreater(exact_models['untrusted'], 0)
+    with jax.enable_x64(True):
+      tx = fo.adaptive(optax.identity(), damping=lam0, adapt_every=every,
+                       damping_decay=decay, max_momentum=max_momentum,
+                       model_every=model_every)
+      got, p, state = _jax_trajectory(tx, batches, theta0)
+    self.assertEqual(int(state.rejected), rejected)
+    self.assertEqual(int(state.exact_models), exact_models['all'])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # 60 steps amplify float64 rounding to ~1e-8 of the parameters' scale.
+    np.testing.assert_allclose(p['w'], want_theta,
+                               atol=1e-7 * np.max(np.abs(want_theta)))
+
+
+def _jax_trajectory(tx, batches, theta0):
+  """``tx`` on the toy loss (float64): the damping per step, params, state."""
+
+  def loss(p, x, y):
+    return jnp.mean(_log_cosh(x @ p['w'] - y, jnp))
+
+  @jax.jit
+  def step(p, state, x, y):
+    value, grads = jax.value_and_grad(loss)(p, x, y)
+    u, state = tx.update(
+        grads, state, p, value=value,
+        value_fn=lambda q: loss(q, x, y),
+        outputs_fn=lambda q: x @ q['w'],
+        outputs_loss=lambda z: jnp.mean(_log_cosh(z - y, jnp)))
+    return optax.apply_updates(p, u), state
+
+  p = {'w': jnp.asarray(theta0)}
+  state = tx.init(p)
+  got = []
+  for x, y in batches:
+    p, state = step(p, state, jnp.asarray(x), jnp.asarray(y))
+    got.append(float(state.damping))
+  return got, p, state
 
 
 class _MLP(nn.Module):
@@ -460,6 +548,40 @@ class PlumbingTest(parameterized.TestCase):
       self.assertTrue(any(abs(ratio - r) < 1e-5 * r
                           for r in (1.0, omega, 1 / omega)), ratio)
     self.assertLess(float(loss_fn(params)), first)
+
+  def test_carried_steps_skip_the_model_pass(self):
+    """The curvature products (here a pass through outputs_fn) run on the
+    exact models' steps only."""
+    passes = []
+
+    def outputs_fn(q, x):
+      jax.debug.callback(lambda: passes.append(1))
+      return x @ q['w']
+
+    tx = fo.adaptive(optax.identity(), damping=1e-3, adapt_every=4,
+                     model_every=4)
+
+    @jax.jit
+    def step(p, state, x, y):
+      loss = lambda q: jnp.mean(_log_cosh(outputs_fn(q, x) - y, jnp))
+      value, grads = jax.value_and_grad(loss)(p)
+      u, state = tx.update(
+          grads, state, p, value=value, value_fn=loss,
+          outputs_fn=lambda q: outputs_fn(q, x),
+          outputs_loss=lambda z: jnp.mean(_log_cosh(z - y, jnp)))
+      return optax.apply_updates(p, u), state
+
+    p = {'w': jnp.zeros(4)}
+    state = tx.init(p)
+    batches = _toy_batches(40)
+    for x, y in batches:
+      p, state = step(p, state, jnp.asarray(x), jnp.asarray(y))
+      jax.effects_barrier()
+    exact = int(state.exact_models)
+    self.assertLess(exact, len(batches))
+    # Per step: the gradient's pass and, every 4th, the loss after the
+    # step; and one more on each exact model's step.
+    self.assertLen(passes, len(batches) + len(batches) // 4 + exact)
 
   def test_errors_name_what_is_missing(self):
     params, loss_fn, step_fn, tx = _setup()
