@@ -1,6 +1,6 @@
 r"""Step time of the adaptive step (``fo.adaptive``) against fixed K-FAC.
 
-On models of the convergence study (``_convergence_tasks.py``: the MNIST
+On models of the convergence study (``study/tasks.py``: the MNIST
 CNN, the ResNet with BatchNorm, the character Transformer) with their real
 batches, this times the jitted train step (capture included) of
 
@@ -53,10 +53,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
-import _convergence_tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 import _kfac_jax  # noqa: E402  pylint: disable=g-import-not-at-top
-import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
 import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import optimizers as optimizers_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PERIODS = ((1, 20), (10, 100))
 LEARNING_RATE = 1e-4  # Irrelevant to timing; small to keep values finite.
@@ -136,13 +136,13 @@ def kfac_jax_runners(task, params, batch, periods_list=PERIODS
       if adaptive:
         kwargs = dict(curvature_update_period=periods[0],
                       inverse_update_period=periods[1])
-      compiled = convergence._build_kfac_jax(task, kwargs, 0, adaptive)  # pylint: disable=protected-access
+      compiled = optimizers_lib._build_kfac_jax(task, kwargs, 0, adaptive)  # pylint: disable=protected-access
       runners.append(_stepper_runner(label, periods, compiled, params, batch))
   return runners
 
 
 def _stepper_runner(label, periods, compiled, params, batch):
-  """A ``convergence.Compiled`` step (it counts steps on the host)."""
+  """A ``study.optimizers.Compiled`` step (it counts steps on the host)."""
   holder = {'params': jax.tree.map(lambda p: p.copy(), params), 'count': 0}
   holder['opt_state'] = compiled.init(holder['params'], LEARNING_RATE, 1e-3)
   holder['out'] = None

@@ -1,6 +1,6 @@
 r"""What the adaptive step chooses, step by step, beside a tuned fixed step.
 
-Trains one task of the convergence study (``_convergence_tasks.py``) with a
+Trains one task of the convergence study (``study/tasks.py``) with a
 no-argument optimizer (``fo.kfac()`` by default, the one-keyword form) and
 logs, every step, the training loss and the adaptive state: the damping
 :math:`\lambda`, the learning rate :math:`\alpha`, the momentum :math:`\mu`,
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _convergence_tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LOGGED = ('damping', 'learning_rate', 'momentum', 'rho', 'rejected',
           'model_change')

@@ -29,16 +29,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _convergence_report  # noqa: E402  pylint: disable=g-import-not-at-top
-import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
 import fisher_optax as fo  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import cache  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import optimizers as optimizers_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METHODS = ('kfac', 'tkfac', 'ekfac', 'tekfac')
 
 
 def factor_scales(task, steps: int) -> dict[str, tuple[float, float]]:
   """``{layer: (tr A / d_A, tr G / d_G)}`` of K-FAC's averaged factors."""
-  compiled = convergence.build(task, 'kfac', {})
+  compiled = optimizers_lib.build(task, 'kfac', {})
   params = task.init(0)
   opt_state = compiled.init(params, 0.0, 1e-3)
   batches = task.batches(0)
@@ -66,14 +67,13 @@ def factor_scales(task, steps: int) -> dict[str, tuple[float, float]]:
 
 def best_dampings(task_name: str, cache_dir: str) -> dict[str, float]:
   """Each Kronecker method's chosen damping in the study's cache."""
-  records = _convergence_report.load_records(os.path.join(cache_dir,
-                                                          task_name))
-  kept, _, _ = _convergence_report.select_budget(task_name, records)
+  records = cache.load_records(os.path.join(cache_dir, task_name))
+  kept, _, _ = cache.select_budget(task_name, records)
   found = {}
   for method in METHODS:
     mine = [r for r in kept if r['optimizer'] == method]
     if mine:
-      best, _ = _convergence_report.best_setting(mine)
+      best, _ = cache.best_setting(mine)
       found[method] = best['damping']
   return found
 
@@ -94,22 +94,21 @@ def table(rows) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--tasks', default=','.join(convergence.tasks_lib.TASKS))
+  parser.add_argument('--tasks', default=','.join(tasks_lib.TASKS))
   parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--cache', default=os.path.join(convergence.RESULTS,
-                                                      'cache'))
+  parser.add_argument('--cache', default=os.path.join(cache.RESULTS, 'cache'))
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args(argv)
   rows = []
   for name in args.tasks.split(','):
-    task = convergence.tasks_lib.TASKS[name]('full')
+    task = tasks_lib.TASKS[name]('full')
     rows.append((name, factor_scales(task, args.steps),
                  best_dampings(name, args.cache)))
     print(f'{name}: done', flush=True)
   text = table(rows)
   print(text)
   if args.write:
-    with open(os.path.join(convergence.RESULTS, 'curvature_scale.md'),
+    with open(os.path.join(cache.RESULTS, 'curvature_scale.md'),
               'w') as f:
       f.write('# Curvature scale against the chosen damping\n\n'
               'Written by `python benchmarks/curvature_scale.py --write` '

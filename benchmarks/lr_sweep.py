@@ -36,8 +36,8 @@ import numpy as np
 import optax
 
 import _common
-from convergence import half_decade
 import fisher_optax as fo
+from study.optimizers import half_decade
 
 import _mnist_data  # noqa: E402  (on sys.path via _common)
 

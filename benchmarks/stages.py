@@ -67,12 +67,12 @@ import numpy as np
 import optax
 
 import _common
-import _convergence_tasks as tasks_lib
 import fisher_optax as fo
 from fisher_optax import _base
 from fisher_optax import _kfac
 from fisher_optax import _kronecker
 from fisher_optax import _tkfac
+from study import tasks as tasks_lib
 
 PERIODS = (1, 20)  # (stats_every, inverse_every) of every Kronecker method
 LEARNING_RATE = 1e-4  # irrelevant to timing; small to keep values finite

@@ -1,4 +1,4 @@
-"""benchmarks/_convergence_report.py on synthetic run records.
+"""benchmarks/study/report.py on synthetic run records.
 
 The records' training curves are step functions (``hi`` up to step
 ``drop``, ``lo`` after it) in blocks of 2 steps over 200 steps, so the
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'benchmarks'))
-import _convergence_report as report  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 STEPS = 200
 BLOCK = 2

@@ -9,6 +9,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'benchmarks'))
 import curvature_scale  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 class FactorScalesTest(absltest.TestCase):
@@ -19,7 +20,7 @@ class FactorScalesTest(absltest.TestCase):
     # (weight 1, then 1 - 0.95) of the first layer's A = E[[x, 1][x, 1]^T]
     # and of the output layer's G = E[(d loss_n / d pred_n)^2] =
     # E[4 (pred - y)^2] has closed forms.
-    task = curvature_scale.convergence.tasks_lib.TASKS['regression']('quick')
+    task = tasks_lib.TASKS['regression']('quick')
     steps = 3
     got = curvature_scale.factor_scales(task, steps)
     params = task.init(0)

@@ -11,7 +11,7 @@ Definitions (the tables repeat them in words):
   ``budget_seconds``, ``size``); runs of another budget belong to another
   study and are only counted.
 * The best setting of an optimizer spec is the ``(lr, damping)`` of its
-  seed-0 run with the lowest ``convergence.score`` (final validation loss,
+  seed-0 run with the lowest ``cache.score`` (final validation loss,
   inf when diverged), ties to the smaller learning rate; its seeds are every
   run of that spec at that setting.
 * A run's final training loss is the mean of its curve's blocks over the
@@ -28,22 +28,20 @@ Definitions (the tables repeat them in words):
 
 import collections
 from collections.abc import Iterable
-import glob
 import inspect
 import json
 import math
 import os
-import sys
 from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import convergence  # noqa: E402  pylint: disable=g-import-not-at-top
+from study import cache
+from study import optimizers as optimizers_lib
 
-Record = dict[str, Any]
+Record = cache.Record
 
 TASK_TEXT = {
     'autoencoder': 'The MBF paper\'s MNIST deep autoencoder '
@@ -88,40 +86,7 @@ _EXTRA_COLOURS = list(colormaps['tab20'].colors[1::2])
 
 
 # ---------------------------------------------------------------------------
-# Reading and selecting.
-
-
-def load_records(task_dir: str) -> list[Record]:
-  """Every run record (``*.json``, not the ``.tmp`` being written)."""
-  records = []
-  for path in sorted(glob.glob(os.path.join(task_dir, '*.json'))):
-    with open(path) as f:
-      records.append(json.load(f))
-  return records
-
-
-def _budget(record: Record) -> tuple[Any, ...]:
-  return (record['steps'], record.get('budget_seconds', 0.0) or 0.0,
-          record.get('size', 'full'))
-
-
-def select_budget(task: str, records: list[Record]
-                  ) -> tuple[list[Record], int, int]:
-  """The runs of the task's majority budget.
-
-  Args:
-    task: the task's name (its ``convergence.STEPS`` breaks ties).
-    records: all its runs.
-
-  Returns:
-    ``(kept, steps, ignored)``: the runs of the budget with most runs, its
-    steps, and how many runs of other budgets were left out.
-  """
-  counts = collections.Counter(_budget(r) for r in records)
-  default = convergence.STEPS.get(task)
-  budget = max(counts, key=lambda b: (counts[b], b[0] == default, b[0]))
-  kept = [r for r in records if _budget(r) == budget]
-  return kept, budget[0], len(records) - len(kept)
+# Specs.
 
 
 def is_base(spec: str) -> bool:
@@ -177,17 +142,6 @@ def time_to_target(record: Record, target: float
 # Per-task analysis.
 
 
-def best_setting(records: list[Record]) -> tuple[Record, list[Record]]:
-  """The best seed-0 run of one spec, and all runs at its setting."""
-  sweep = [r for r in records if r['seed'] == 0] or records
-  best = min(sweep, key=lambda r: (convergence.score(r), r['lr'],
-                                   r['damping'] or 0.0))
-  seeds = sorted((r for r in records if r['lr'] == best['lr']
-                  and r['damping'] == best['damping']),
-                 key=lambda r: r['seed'])
-  return best, seeds
-
-
 def _reach(seeds: list[Record], target: float) -> dict[str, Any]:
   hits = [h for h in (time_to_target(r, target) for r in seeds) if h]
   return {
@@ -224,7 +178,7 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
   by_spec = collections.defaultdict(list)
   for r in records:
     by_spec[r['optimizer']].append(r)
-  chosen = {spec: best_setting(rs) for spec, rs in by_spec.items()}
+  chosen = {spec: cache.best_setting(rs) for spec, rs in by_spec.items()}
 
   target = adam_reach = adam_step_s = None
   if 'adam' in chosen:
@@ -245,7 +199,7 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
     reach['seeds'] = len(seeds)
     out[spec] = {
         'lr': best['lr'], 'damping': best['damping'],
-        'diverged': bool(convergence.score(best) == math.inf),
+        'diverged': bool(cache.score(best) == math.inf),
         **reach,
         'steps_ratio': _ratio(reach['steps'],
                               adam_reach and adam_reach['steps']),
@@ -265,7 +219,7 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
                        else 0.0 if metric else None),
         'metric_diverged': len(seeds) - len(metric),
         'test_loss': float(np.mean(test_loss)) if test_loss else None,
-        'validation_loss': (float(np.mean([convergence.score(r)
+        'validation_loss': (float(np.mean([cache.score(r)
                                            for r in ok])) if ok
                             else math.inf),
         'target': target,
@@ -275,7 +229,7 @@ def analyse(task: str, records: list[Record]) -> dict[str, dict[str, Any]]:
 
 def library_damping(spec: str) -> float | None:
   """The damping the spec's optimizer gets when the user sets none."""
-  opt = convergence.OPTIMIZERS[convergence.parse_spec(spec)[0]]
+  opt = optimizers_lib.OPTIMIZERS[optimizers_lib.parse_spec(spec)[0]]
   if not opt.curvature or opt.factory is None:
     return None
   param = inspect.signature(opt.factory).parameters.get('damping')
@@ -288,7 +242,7 @@ def by_damping(records: list[Record]) -> dict[float, tuple[float, float]]:
   for r in records:
     if r['seed'] != 0 or r['damping'] is None:
       continue
-    got = (convergence.score(r), r['lr'])
+    got = (cache.score(r), r['lr'])
     if r['damping'] not in out or got < out[r['damping']][::-1]:
       out[r['damping']] = (r['lr'], got[0])
   return out
@@ -427,7 +381,7 @@ def _sweep_table(records: list[Record], rows: dict[str, dict[str, Any]]
             else '')
     lines.append(f'| {r["optimizer"]} | {_hyper(r["lr"])} | '
                  f'{_hyper(r["damping"])} | '
-                 f'{_sig(convergence.score(r))} | {mark} |')
+                 f'{_sig(cache.score(r))} | {mark} |')
   return lines
 
 
@@ -442,7 +396,7 @@ def _distinct(records: Iterable[Record], key: str) -> str:
 
 def _colour(spec: str, order: list[str]):
   name = spec.split(':')[0]
-  known = list(convergence.OPTIMIZERS)
+  known = list(optimizers_lib.OPTIMIZERS)
   if name in known and known.index(name) < len(_COLOURS):
     return _COLOURS[known.index(name)]
   return _EXTRA_COLOURS[order.index(spec) % len(_EXTRA_COLOURS)]
@@ -618,8 +572,8 @@ def _run_note(timed, spec) -> str:
 def _no_argument_table(summary, tasks) -> list[str]:
   """The optimizers that take no learning rate, against tuned K-FAC."""
   specs = sorted({s for rows in summary.values() for s in rows
-                  if convergence.OPTIMIZERS[
-                      convergence.parse_spec(s)[0]].adaptive})
+                  if optimizers_lib.OPTIMIZERS[
+                      optimizers_lib.parse_spec(s)[0]].adaptive})
   if not specs:
     return []
 
@@ -627,7 +581,7 @@ def _no_argument_table(summary, tasks) -> list[str]:
     row = summary[task].get(spec)
     kfac = summary[task].get('kfac')
     # The same preconditioner with a tuned learning rate and damping.
-    name = convergence.parse_spec(spec)[0]
+    name = optimizers_lib.parse_spec(spec)[0]
     own_name = name.removesuffix('_adaptive')
     own = (summary[task].get(own_name)
            if own_name not in ('kfac', name) else None)
@@ -664,7 +618,7 @@ def write_summary(summary: dict[str, dict[str, dict[str, Any]]],
                   path: str) -> None:
   """``summary.md``: base optimizers x tasks, steps / time ratio to Adam."""
   tasks = list(summary)
-  known = list(convergence.OPTIMIZERS)
+  known = list(optimizers_lib.OPTIMIZERS)
   specs = sorted({s for rows in summary.values() for s in rows
                   if is_base(s)},
                  key=lambda s: (known.index(s) if s in known
@@ -718,7 +672,7 @@ def apply_timing(records: list[Record], profiles: dict[str, list[float]]
   """Replaces measured seconds by those of a side-by-side step profile.
 
   ``profiles[spec]`` holds the time of each step of one period (see
-  ``convergence.time_steps``); a run's training seconds after ``k`` steps
+  ``runner.time_steps``); a run's training seconds after ``k`` steps
   become the sum of the profile over steps ``0..k-1`` taken cyclically, and
   its mean step time the profile's mean. Runs of specs without a profile
   keep what they measured.
@@ -753,17 +707,17 @@ def write_all(cache_dir: str, results_dir: str, timing_dir: str | None = None
     task -> spec -> :func:`analyse`'s numbers.
   """
   os.makedirs(results_dir, exist_ok=True)
-  order = list(convergence.STEPS)
+  order = list(cache.STEPS)
   tasks = sorted((d for d in os.listdir(cache_dir)
                   if os.path.isdir(os.path.join(cache_dir, d))),
                  key=lambda t: (order.index(t) if t in order
                                 else len(order), t))
   summary = {}
   for task in tasks:
-    records = load_records(os.path.join(cache_dir, task))
+    records = cache.load_records(os.path.join(cache_dir, task))
     if not records:
       continue
-    kept, steps, ignored = select_budget(task, records)
+    kept, steps, ignored = cache.select_budget(task, records)
     timing_path = timing_dir and os.path.join(timing_dir, f'{task}.json')
     timed = None
     if timing_path and os.path.exists(timing_path):

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'examples')
+_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'examples')
 sys.path.insert(0, _EXAMPLES)
 import _mnist_data  # noqa: E402  pylint: disable=g-import-not-at-top
 from mnist import CNN  # noqa: E402  pylint: disable=g-import-not-at-top
