@@ -598,6 +598,15 @@ class PlumbingTest(parameterized.TestCase):
       fo.adaptive(fo.scale_by_kfac(), max_momentum=1.0)
     with self.assertRaisesRegex(ValueError, 'damping_decay'):
       fo.adaptive(fo.scale_by_kfac(), damping_decay=1.5)
+    with self.assertRaisesRegex(ValueError, 'model_every=2 must divide '
+                                'adapt_every=5'):
+      fo.adaptive(fo.scale_by_kfac(), model_every=2)
+    with self.assertRaisesRegex(ValueError, 'model_every'):
+      fo.adaptive(fo.scale_by_kfac(), model_every=0)
+    for name in ('kfac', 'ekfac', 'tkfac', 'mini_block_fisher'):
+      with self.assertRaisesRegex(
+          ValueError, f'^{name}: model_every=5 must divide inverse_every=7'):
+        getattr(fo, name)(None, model_every=5, inverse_every=7)
 
   @parameterized.parameters(('kfac',), ('tkfac',), ('ekfac',), ('tekfac',),
                             ('mini_block_fisher',))
