@@ -257,15 +257,16 @@ def kfac(
     conv_scaling: EKFAC on convolutions: ``'per_example'`` (the paper's
       scaling, from per-example gradients) or ``'per_position'`` (location
       expanded); see :func:`fisher_optax.ekfac`.
-    weight_sharing: ``'expand'`` (default) or ``'reduce'``, for layers that
-      share their weights within an example (a conv's output positions, a
-      dense layer's tokens, repeated calls): their rows are extra examples
-      (K-FAC-expand), or are averaged (inputs) and summed (output
-      cotangents) per example before the outer products (K-FAC-reduce,
-      Eschenhagen et al., 2023), which makes the statistics as many times
-      cheaper; see ``docs/kronecker.md``. Embeddings always expand. In the
-      convergence study reduce won per second on convolutional nets and
-      lost on a language model (a per-token loss, expand's setting).
+    weight_sharing: ``'expand'`` (default), ``'reduce'`` or ``'auto'``,
+      for layers that share their weights within an example (a conv's
+      output positions, a dense layer's tokens, repeated calls): their rows
+      are extra examples (K-FAC-expand), or are averaged (inputs) and
+      summed (output cotangents) per example before the outer products
+      (K-FAC-reduce, Eschenhagen et al., 2023), which makes the statistics
+      as many times cheaper; ``'auto'`` reduces conv layers and expands
+      dense ones; see ``docs/kronecker.md``. Embeddings always expand. In
+      the convergence study reduce won per second on convolutional nets
+      and lost on a language model (a per-token loss, expand's setting).
     model_every: with no learning rate, steps between exact quadratic
       models (each a pass through the model); the steps between take the
       carried model of :func:`fisher_optax.adaptive`, which costs none.

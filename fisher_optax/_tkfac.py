@@ -263,7 +263,7 @@ def tkfac(
       :func:`fisher_optax.kfac`.
     l2_in_damping: add ``weight_decay`` to ``damping``.
     conv_scaling: TEKFAC on convolutions, see :func:`fisher_optax.ekfac`.
-    weight_sharing: ``'expand'`` or ``'reduce'``, see
+    weight_sharing: ``'expand'``, ``'reduce'`` or ``'auto'``, see
       :func:`fisher_optax.kfac`.
     dense_damping: TEKFAC with ``conv_damping='adaptive'``: ``'beta'`` (the
       TEKFAC paper: layers other than convolutions are damped by ``beta``,
