@@ -50,10 +50,17 @@ machine) profiles every cached spec's best setting side by side, and the
 report then uses those profiles for every run of the spec. ``--timing
 --optimizers a,b`` profiles ``a`` and ``b`` beside Adam and scales their
 profiles by the ratio of the saved Adam profile to the new one, so that the
-specs profiled earlier keep their ratios to Adam. The committed
-results were measured with one XLA thread per run (``XLA_FLAGS=
+specs profiled earlier keep their ratios to Adam. A profile is the
+median step of each position in a period, which assumes a step's cost does
+not depend on the data; ``--contiguous`` profiles instead the first
+``period x repeats`` steps of seed 0's own run (blocks of ``period`` steps,
+the optimizers taking turns), for a cost that does (the adaptive step's
+``model_every``). The committed results were measured with one XLA
+thread per run (``XLA_FLAGS=
 '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'``),
-two runs at a time pinned to separate cores.
+two runs at a time pinned to separate cores (``taskset``): XLA:CPU splits
+its work by the cores it may use, so a run's floats, and on the chaotic
+tasks its losses, depend on the pinning as well as on the seed.
 
 Usage::
 
