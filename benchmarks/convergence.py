@@ -81,7 +81,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _kfac_jax  # noqa: E402  pylint: disable=g-import-not-at-top
 from study import cache  # noqa: E402  pylint: disable=g-import-not-at-top
 from study import optimizers as optimizers_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from study import report  # noqa: E402  pylint: disable=g-import-not-at-top
 from study import runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from study import tasks as tasks_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -132,6 +131,8 @@ def main(argv=None) -> int:
     print('every optimizer reduced the loss on every task')
     return 0
   if args.report:
+    # Imported where used, as before the package split.
+    from study import report  # pylint: disable=g-import-not-at-top
     report.write_all(args.cache, cache.RESULTS,
                      os.path.join(cache.RESULTS, 'timing'))
     return 0
