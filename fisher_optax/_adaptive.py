@@ -574,7 +574,10 @@ def check_model_every(where: str, model_every: int,
   """``model_every`` divides ``inverse_every`` (a carried model never
   spans a refresh of the preconditioner's inverses)."""
   _base.check_hyperparams(where, positive={'model_every': model_every})
-  if inverse_every is not None and inverse_every % model_every:
+  model_every, inverse_every = (_static_int(x) for x in (model_every,
+                                                         inverse_every))
+  # Traced under optax.inject_hyperparams: nothing to check here.
+  if None not in (model_every, inverse_every) and inverse_every % model_every:
     raise ValueError(
         f'{where}: model_every={model_every} must divide inverse_every='
         f'{inverse_every}: the carried quadratic model assumes the '
