@@ -108,11 +108,9 @@ _SINGULAR = 1e-6
 
 
 def _static_int(x):
-  """``x`` as a Python int, or None when it is traced."""
-  try:
-    return int(x)
-  except TypeError:
-    return None
+  """``x`` as a Python int, or None when it is traced (or None)."""
+  value = _base.concrete(x)
+  return None if value is None else int(value)
 
 
 def solve_quadratic_model(a, b, learning_rate=None, momentum=None,

@@ -363,7 +363,7 @@ def check_options(where: str, *, periods: Mapping[str, Any] | None = None,
           f'got {value!r}.')
 
 
-def _concrete(value: Any):
+def concrete(value: Any):
   """``value`` as a NumPy array, or None if it is traced, a schedule or
   None (not set: the adaptive step's learning rate)."""
   if value is None or callable(value) or isinstance(value, jax.core.Tracer):
@@ -403,7 +403,7 @@ def check_hyperparams(where: str, *,
   )
   for group, ok, what in rules:
     for name, value in (group or {}).items():
-      v = _concrete(value)
+      v = concrete(value)
       if v is None:
         continue
       if not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
