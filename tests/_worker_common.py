@@ -46,11 +46,12 @@ def make(name, **kwargs):
   if name == 'kfac_adaptive_ggn':
     # The recommended form: only layer_stats=, whose linearization gives
     # the loss and the Gauss-Newton products (this device's, averaged over
-    # axis_name by the adaptive step).
+    # axis_name by the adaptive step). model_every=2: the exact model under
+    # lax.cond, and a carried one on odd steps where its guards allow.
     return _without(
         fo.adaptive(fo.scale_by_kfac(momentum=0.0, inverse_every=2,
                                      **kwargs),
-                    damping=0.1, adapt_every=2,
+                    damping=0.1, adapt_every=2, model_every=2,
                     axis_name=kwargs.get('axis_name')),
         'value', 'value_fn', 'outputs_fn', 'outputs_loss')
   if name == 'kfac_adaptive':  # the captured statistics' products
