@@ -482,7 +482,7 @@ def adaptive(
       # A carried learning rate is a fixed one: along a direction stiffer
       # than the last exact model's it diverges within a few steps, its
       # predicted decrease growing with each. Trusted while it predicts at
-      # most _TRUST times the last carried exact model's decrease (0: not
+      # most _TRUST times the last steady exact model's decrease (0: not
       # trusted).
       trusted = (carried_change < 0) & (
           carried_change >= _TRUST * state.reference_change)
