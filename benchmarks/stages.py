@@ -161,7 +161,8 @@ def stage_functions(algorithm, opts, layouts, norms_of, updates):
     fresh = {}
     for key, layout in layouts.items():
       dtype = next(iter(state.stats[key].values())).dtype
-      rows = _kronecker.layer_rows(opts, layer_stats[key], layout, dtype)
+      rows = _kronecker.layer_rows(opts, layer_stats[key], layout, dtype,
+                                   state.count // opts.stats_every)
       fresh[key] = algorithm.statistics(rows, layout, opts.block_size)
       if opts.eigen_correction:
         fresh[key]['scaling'] = _kronecker.measure_scaling(
@@ -189,7 +190,8 @@ def stage_functions(algorithm, opts, layouts, norms_of, updates):
   def inverses(layer_stats, state, grads):
     del grads
     return _kronecker.refresh_inverses(algorithm, opts, layouts, layer_stats,
-                                       state.stats, state.precond)
+                                       state.stats, state.precond,
+                                       state.count)
 
   def sources(state, grads):
     return _kronecker.first_moment(

@@ -92,6 +92,7 @@ def scale_by_kfac(
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
+    stats_fraction: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning; see :func:`fisher_optax.kfac`.
 
@@ -122,7 +123,8 @@ def scale_by_kfac(
       fallback_eps=fallback_eps, axis_name=axis_name,
       spread_inverses=spread_inverses,
       eigen_correction=eigen_correction, decay_schedule=decay_schedule,
-      conv_scaling=conv_scaling, weight_sharing=weight_sharing)
+      conv_scaling=conv_scaling, weight_sharing=weight_sharing,
+      stats_fraction=stats_fraction)
 
 
 def kfac(
@@ -150,6 +152,7 @@ def kfac(
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
+    stats_fraction: float = 1.0,
     loss_scale: float = 1.0,
     model_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -267,6 +270,9 @@ def kfac(
       dense ones; see ``docs/kronecker.md``. Embeddings always expand. In
       the convergence study reduce won per second on convolutional nets
       and lost on a language model (a per-token loss, expand's setting).
+    stats_fraction: ``1/n``: the statistics are those of one example in
+      every ``n`` of the batch (a different one at each refresh), which
+      estimates the same factors ``n`` times cheaper. Static.
     model_every: with no learning rate, steps between exact quadratic
       models (each a pass through the model); the steps between take the
       carried model of :func:`fisher_optax.adaptive`, which costs none.
@@ -318,7 +324,7 @@ def kfac(
           axis_name=axis_name, spread_inverses=spread_inverses,
           eigen_correction=eigen_correction,
           decay_schedule=decay_schedule, conv_scaling=conv_scaling,
-          weight_sharing=weight_sharing),
+          weight_sharing=weight_sharing, stats_fraction=stats_fraction),
       learning_rate, momentum, damping, weight_decay, mask,
       loss_reduction=loss_reduction, axis_name=axis_name, where=where,
       model_every=model_every, inverse_every=inverse_every),

@@ -427,6 +427,12 @@ class Options:
   dense_damping: str
   spread_inverses: str | None = None
   weight_sharing: str = 'expand'
+  stats_fraction: float = 1.0
+
+
+def sample_period(stats_fraction: float) -> int:
+  """``1 / stats_fraction``, which :func:`check_options` made an integer."""
+  return round(1.0 / stats_fraction)
 
 
 def average_weight(opts: Options, count) -> jax.Array:
@@ -444,8 +450,23 @@ def average_weight(opts: Options, count) -> jax.Array:
   return jnp.where(count == 0, 1.0, 1.0 - decay)
 
 
-def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
-  """The layer's :class:`~fisher_optax._stats.KroneckerRows` in ``dtype``."""
+def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype,
+               refresh):
+  """The layer's :class:`~fisher_optax._stats.KroneckerRows` in ``dtype``.
+
+  With ``stats_fraction < 1`` the rows are those of the examples that the
+  statistics refresh ``refresh`` samples (:func:`_stats.subsample_examples`).
+  """
+  st, weight = _stats.subsample_examples(
+      st, sample_period(opts.stats_fraction), refresh)
+  if opts.loss_reduction != 'mean':
+    # A summed loss's cotangents are per-example already.
+    weight = 1.0
+  rows = _layer_rows(opts, st, layout, dtype)
+  return rows if weight == 1.0 else rows._replace(g=rows.g * weight)
+
+
+def _layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
   if st.meta.kind == 'embed':
     k = st.meta.stack_ndim
     ids = st.a.reshape(st.a.shape[:k] + (1, -1)).astype(jnp.int32)
@@ -486,7 +507,8 @@ def refresh_statistics(algorithm: Algorithm, opts: Options, layouts,
   new, scaling, bad = {}, {}, jnp.zeros([], jnp.int32)
   for key, layout in layouts.items():
     dtype = _dtype(stats[key])
-    rows = layer_rows(opts, layer_stats[key], layout, dtype)
+    rows = layer_rows(opts, layer_stats[key], layout, dtype,
+                      count // opts.stats_every)
     fresh = algorithm.statistics(rows, layout, opts.block_size)
     old = dict(stats[key])
     if opts.eigen_correction:
@@ -506,7 +528,7 @@ def refresh_statistics(algorithm: Algorithm, opts: Options, layouts,
 
 
 def refresh_inverses(algorithm: Algorithm, opts: Options, layouts,
-                     layer_stats, stats, precond):
+                     layer_stats, stats, precond, count):
   """Damped inverses (or eigenbases) of every layer's factors.
 
   All blocks of one size, across layers, are factorised in one batched
@@ -557,7 +579,8 @@ def refresh_inverses(algorithm: Algorithm, opts: Options, layouts,
     if opts.eigen_correction:
       # A new basis invalidates the averaged scaling: measure it afresh.
       old = precond[key]['scaling']
-      rows = layer_rows(opts, layer_stats[key], layout, old.dtype)
+      rows = layer_rows(opts, layer_stats[key], layout, old.dtype,
+                        count // opts.stats_every)
       scaling = _pmean(opts, measure_scaling(
           layout, rows, new[key], opts.conv_scaling == 'per_example'))
       new[key]['scaling'], n_bad = _linalg.keep_finite(
@@ -804,7 +827,7 @@ def refresh_curvature(algorithm: Algorithm, opts: Options, layouts, norms,
     new_pre, bad_inv = _every(
         opts.inverse_every, count,
         lambda args: refresh_inverses(algorithm, opts, layouts, layer_stats,
-                                      *args),
+                                      *args, count),
         lambda args: (args[1], jnp.zeros([], jnp.int32)),
         (new_stats, old_pre))
     stats.update(new_stats)
@@ -967,6 +990,7 @@ def scale_by_kronecker(
     dense_damping: str = 'beta',
     spread_inverses: str | None = None,
     weight_sharing: str = 'expand',
+    stats_fraction: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
   eigenvalue-corrected forms (``eigen_correction=True``)."""
@@ -979,7 +1003,7 @@ def scale_by_kronecker(
                 momentum_style=momentum_style, loss_reduction=loss_reduction,
                 inverse_method=inverse_method, decay_schedule=decay_schedule,
                 conv_scaling=conv_scaling, dense_damping=dense_damping,
-                weight_sharing=weight_sharing,
+                weight_sharing=weight_sharing, stats_fraction=stats_fraction,
                 axes={'axis_name': axis_name,
                       'spread_inverses': spread_inverses})
   _base.check_hyperparams(
@@ -991,7 +1015,8 @@ def scale_by_kronecker(
                  inverse_every, block_size, damping_mode, momentum_style,
                  loss_reduction, inverse_method, fallback_b2, fallback_eps,
                  axis_name, eigen_correction, decay_schedule, conv_scaling,
-                 dense_damping, spread_inverses, weight_sharing)
+                 dense_damping, spread_inverses, weight_sharing,
+                 stats_fraction)
   # The user's description of their layers, not state: init uses it for
   # the layers each params tree has.
   template = None if layers is None else {
@@ -1015,14 +1040,30 @@ def scale_by_kronecker(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def check_stats_fraction(where: str, stats_fraction) -> None:
+  """``stats_fraction`` must be a static ``1 / n`` for a positive int ``n``."""
+  if isinstance(stats_fraction, (bool, jax.Array)) or not isinstance(
+      stats_fraction, (int, float)):
+    raise ValueError(
+        f'{where}: stats_fraction must be a Python number 1/n, got '
+        f'{stats_fraction!r}; it sets array shapes, so it is static (pass '
+        'it in static_args of optax.inject_hyperparams).')
+  n = 1.0 / stats_fraction if 0 < stats_fraction <= 1 else 0.0
+  if not (n >= 1 and abs(n - round(n)) <= 1e-6 * n):
+    raise ValueError(
+        f'{where}: stats_fraction must be 1/n for a positive int n (one '
+        f'example in every n enters the statistics), got {stats_fraction!r}.')
+
+
 def corrected_name(name: str) -> str:
   """``'kfac'`` -> ``'ekfac'``, ``'tkfac'`` -> ``'tekfac'``."""
   return {'kfac': 'ekfac', 'tkfac': 'tekfac'}.get(name, 'e' + name)
 
 
 def check_options(where: str, *, stats_every, inverse_every, block_size,
-                  axes=None, **choices) -> None:
+                  axes=None, stats_fraction=1.0, **choices) -> None:
   """Validates the static options of a Kronecker factory; names them."""
+  check_stats_fraction(where, stats_fraction)
   allowed = {
       'damping_mode': ('factored', 'eigen'),
       'momentum_style': ('heavy_ball', 'adam'),

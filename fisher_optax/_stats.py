@@ -474,6 +474,45 @@ def reduce_rows(rows: KroneckerRows, batch: int) -> KroneckerRows:
   return KroneckerRows(a, g, 1, 1)
 
 
+def subsample_examples(st: _base.LayerStats, every: int, refresh):
+  """The statistics of one example in every ``every``, and their weight.
+
+  Kronecker factors are means over a batch's examples, so those of a
+  sample of the examples estimate the same matrices without bias, and
+  cost ``every`` times less where the outer products dominate (expand's
+  conv patches, a sequence's tokens). Refresh ``refresh`` takes examples
+  ``refresh mod every``, ``refresh mod every + every``, ...: a strided
+  slice, so a batch sharded over devices stays sharded; over ``every``
+  refreshes each example position is taken once. Of a batch that
+  ``every`` does not divide, the last ``B mod every`` examples are never
+  taken; one smaller than ``every`` is used whole.
+
+  Args:
+    st: a layer's captured statistics; the batch is the axis after the
+      stack and call axes.
+    every: static sampling period, at least 1.
+    refresh: the statistics refresh's index (may be traced).
+
+  Returns:
+    ``(stats, weight)``: the sampled statistics, and the factor by which
+    their cotangents must be multiplied to stay the cotangents of the
+    whole batch's mean loss (``B / B_sampled``).
+  """
+  axis = st.meta.stack_ndim + 1
+  batch = st.a.shape[axis]
+  kept = batch // every
+  if every == 1 or kept == 0:
+    return st, 1.0
+
+  def take(x):
+    x = lax.slice_in_dim(x, 0, kept * every, axis=axis)
+    x = x.reshape(x.shape[:axis] + (kept, every) + x.shape[axis + 1:])
+    return lax.dynamic_index_in_dim(x, refresh % every, axis + 1,
+                                    keepdims=False)
+
+  return _base.LayerStats(take(st.a), take(st.g), st.meta), batch / kept
+
+
 def conv_patches(x, meta: _base.LayerMeta):
   """Input patches in the HWIO kernel's feature order.
 

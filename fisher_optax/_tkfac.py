@@ -110,6 +110,7 @@ def scale_by_tkfac(
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
+    stats_fraction: float = 1.0,
     dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC preconditioning; see :func:`fisher_optax.tkfac`.
@@ -144,7 +145,7 @@ def scale_by_tkfac(
       spread_inverses=spread_inverses,
       eigen_correction=eigen_correction, decay_schedule=decay_schedule,
       conv_scaling=conv_scaling, dense_damping=dense_damping,
-      weight_sharing=weight_sharing)
+      weight_sharing=weight_sharing, stats_fraction=stats_fraction)
 
 
 def tkfac(
@@ -173,6 +174,7 @@ def tkfac(
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
+    stats_fraction: float = 1.0,
     dense_damping: str = 'beta',
     loss_scale: float = 1.0,
     model_every: int = 1,
@@ -265,6 +267,8 @@ def tkfac(
     conv_scaling: TEKFAC on convolutions, see :func:`fisher_optax.ekfac`.
     weight_sharing: ``'expand'``, ``'reduce'`` or ``'auto'``, see
       :func:`fisher_optax.kfac`.
+    stats_fraction: ``1/n`` of the examples in the statistics, see
+      :func:`fisher_optax.kfac`.
     dense_damping: TEKFAC with ``conv_damping='adaptive'``: ``'beta'`` (the
       TEKFAC paper: layers other than convolutions are damped by ``beta``,
       the largest conv layer's adaptive damping) or ``'fixed'``
@@ -319,7 +323,7 @@ def tkfac(
           eigen_correction=eigen_correction,
           conv_damping=conv_damping, decay_schedule=decay_schedule,
           conv_scaling=conv_scaling, dense_damping=dense_damping,
-          weight_sharing=weight_sharing),
+          weight_sharing=weight_sharing, stats_fraction=stats_fraction),
       learning_rate, momentum, damping, weight_decay, mask,
       loss_reduction=loss_reduction, axis_name=axis_name, where=where,
       model_every=model_every, inverse_every=inverse_every),

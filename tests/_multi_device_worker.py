@@ -314,15 +314,22 @@ def main(group, out):
           mesh, name, True)
     print(name, 'done', flush=True)
   if group == 'explicit':
-    # K-FAC-reduce reshapes the batch-sharded conv rows: the conv net's
-    # update on both kinds of mesh.
-    name = 'kfac_reduce'
-    results['single'][name] = single(name)
-    results.setdefault('jit', {})[name] = data_parallel(mesh, name)
+    # K-FAC-reduce and the sampled statistics reshape the batch-sharded
+    # conv rows: the conv net's update on both kinds of mesh.
     explicit_mesh = jax.make_mesh((DEVICES,), ('data',))
-    results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
-        explicit_mesh, name, facts)
-    results.setdefault('typed', {})[name] = typed(explicit_mesh, name)
+    for name in ('kfac_reduce', 'kfac_sampled'):
+      results['single'][name] = single(name)
+      results.setdefault('jit', {})[name] = data_parallel(mesh, name)
+      results.setdefault('explicit_fsdp', {})[name] = explicit_fsdp(
+          explicit_mesh, name, facts)
+      results.setdefault('typed', {})[name] = typed(explicit_mesh, name)
+  elif group == 'shard_map':
+    # Each device samples its own examples: with a local batch that the
+    # period divides, the same examples as one device's stride.
+    name = 'kfac_sampled'
+    results['single'][name] = single(name)
+    results.setdefault('shard_map_vma1', {})[name] = shard_mapped(
+        mesh, name, True)
   try:
     tx = make('kfac', spread_inverses='data')
     jax.jit(functools.partial(step, tx))(PARAMS, tx.init(PARAMS), X, Y)

@@ -41,7 +41,8 @@ def make(name, **kwargs):
 
   Five steps then include statistics and inverse refreshes and the steps
   between them. ``'adafisher_reference'`` is AdaFisher's official-code mode,
-  ``'kfac_reduce'`` K-FAC with ``weight_sharing='reduce'``.
+  ``'kfac_reduce'`` K-FAC with ``weight_sharing='reduce'``,
+  ``'kfac_sampled'`` with ``stats_fraction=0.5``.
   """
   if name == 'kfac_adaptive_ggn':
     # The recommended form: only layer_stats=, whose linearization gives
@@ -60,6 +61,9 @@ def make(name, **kwargs):
   if name == 'kfac_reduce':
     return fo.kfac(0.05, damping=0.1, inverse_every=2,
                    weight_sharing='reduce', **kwargs)
+  if name == 'kfac_sampled':
+    return fo.kfac(0.05, damping=0.1, inverse_every=2, stats_fraction=0.5,
+                   **kwargs)
   if name == 'adafisher_reference':
     return fo.adafisher(1e-2, damping=1e-3, mode='reference', stats_every=2,
                         **kwargs)

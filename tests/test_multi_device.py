@@ -159,6 +159,8 @@ class ShardMapTest(_WorkerTest):
                            int(self.fact(f'collectives/replicated/{name}')))
       with self.subTest('spread_inverses under shard_map', optimizer=name):
         self.assert_same_params('spread_shard_map', name)
+    with self.subTest('stats_fraction=0.5 under shard_map'):
+      self.assert_same_params('shard_map_vma1', 'kfac_sampled')
     with self.subTest('spread_inverses without a mesh'):
       message = self.fact('no_mesh_error')
       self.assertIn("spread_inverses='data'", message)
@@ -184,7 +186,7 @@ class ExplicitMeshTest(_WorkerTest):
       for mode in ('mlp_auto', 'mlp_explicit'):
         with self.subTest(mode, optimizer=name):
           self.assert_same_params(mode, name, ref='mlp_single')
-    for name in OPTIMIZERS + ADAPTIVE + ('kfac_reduce',):
+    for name in OPTIMIZERS + ADAPTIVE + ('kfac_reduce', 'kfac_sampled'):
       with self.subTest('typed on an Explicit mesh, no set_mesh',
                         optimizer=name):
         self.assert_same_params('typed', name)
@@ -214,6 +216,8 @@ class ExplicitMeshTest(_WorkerTest):
     for mode in ('jit', 'explicit_fsdp'):
       with self.subTest(f'weight_sharing=reduce, {mode}'):
         self.assert_same_params(mode, 'kfac_reduce')
+      with self.subTest(f'stats_fraction=0.5, {mode}'):
+        self.assert_same_params(mode, 'kfac_sampled')
 
 
 class AxisArgumentTest(parameterized.TestCase):

@@ -86,6 +86,13 @@ class _Tokens(nn.Module):
 
 def _problem(kind):
   """Params, a mean loss ``sum sin(y * t)`` per example, and references."""
+  params, loss, name, a, e = problem_rows(kind)
+  return params, loss, name, _reference(a, e)
+
+
+def problem_rows(kind):
+  """:func:`_problem` with its reference's inputs: each example's rows
+  ``a`` (no bias column) and per-example output cotangents ``e``."""
   rng = np.random.default_rng(0)
   if kind == 'conv':
     model, x = _Conv(), rng.normal(size=(B, 3, 3, 2))
@@ -107,7 +114,7 @@ def _problem(kind):
   y = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], -1) @ w
   # The per-example cotangent of sum(sin(y * t)), by hand.
   e = np.cos(y * t.reshape(y.shape)) * t.reshape(y.shape)
-  return params, loss, name, _reference(a, e)
+  return params, loss, name, a, e
 
 
 def _assert_close(got, want, rtol=2e-5):
