@@ -92,7 +92,7 @@ def scale_by_kfac(
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
-    stats_fraction: float = 1.0,
+    stats_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC preconditioning; see :func:`fisher_optax.kfac`.
 
@@ -152,7 +152,7 @@ def kfac(
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
-    stats_fraction: float = 1.0,
+    stats_fraction: float | None = None,
     loss_scale: float = 1.0,
     model_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -270,9 +270,10 @@ def kfac(
       dense ones; see ``docs/kronecker.md``. Embeddings always expand. In
       the convergence study reduce won per second on convolutional nets
       and lost on a language model (a per-token loss, expand's setting).
-    stats_fraction: ``1/n``: the statistics are those of one example in
-      every ``n`` of the batch (a different one at each refresh), which
-      estimates the same factors ``n`` times cheaper. Static.
+    stats_fraction: None (every example) or ``1/n``: the statistics are
+      those of one example in every ``n`` of the batch (a different one at
+      each refresh), which estimates the same factors ``n`` times cheaper;
+      see ``docs/kronecker.md``. Static.
     model_every: with no learning rate, steps between exact quadratic
       models (each a pass through the model); the steps between take the
       carried model of :func:`fisher_optax.adaptive`, which costs none.

@@ -9,9 +9,10 @@ same way for every algorithm, in named stages that follow the papers'
 Algorithm boxes:
 
 * :func:`refresh_statistics` (every ``stats_every`` steps): statistics of
-  each layer's rows (``_stats.kronecker_rows``) averaged with decay
-  ``fisher_decay`` (:func:`average_weight`); :func:`refresh_norm_diagonals`
-  does the same for norm layers' diagonal Fisher;
+  each layer's rows (``_stats.kronecker_rows``; of one example in every
+  ``1 / stats_fraction``, ``_stats.subsample_examples``) averaged with
+  decay ``fisher_decay`` (:func:`average_weight`);
+  :func:`refresh_norm_diagonals` does the same for norm layers' diagonal Fisher;
 * :func:`refresh_inverses` (every ``inverse_every`` steps): the damped
   factors inverted (or eigendecomposed), every factor of every layer that
   has the same block size in one batched call (``_linalg.bucketed``);
@@ -427,12 +428,13 @@ class Options:
   dense_damping: str
   spread_inverses: str | None = None
   weight_sharing: str = 'expand'
-  stats_fraction: float = 1.0
+  stats_fraction: float | None = None
 
 
-def sample_period(stats_fraction: float) -> int:
-  """``1 / stats_fraction``, which :func:`check_options` made an integer."""
-  return round(1.0 / stats_fraction)
+def sample_period(stats_fraction: float | None) -> int:
+  """``1 / stats_fraction`` (an integer, see :func:`check_stats_fraction`);
+  1 for None, every example."""
+  return 1 if stats_fraction is None else round(1.0 / stats_fraction)
 
 
 def average_weight(opts: Options, count) -> jax.Array:
@@ -990,7 +992,7 @@ def scale_by_kronecker(
     dense_damping: str = 'beta',
     spread_inverses: str | None = None,
     weight_sharing: str = 'expand',
-    stats_fraction: float = 1.0,
+    stats_fraction: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The engine behind ``scale_by_kfac``, ``scale_by_tkfac`` and their
   eigenvalue-corrected forms (``eigen_correction=True``)."""
@@ -1041,7 +1043,11 @@ def scale_by_kronecker(
 
 
 def check_stats_fraction(where: str, stats_fraction) -> None:
-  """``stats_fraction`` must be a static ``1 / n`` for a positive int ``n``."""
+  """``stats_fraction`` must be None or a static ``1 / n``, ``n`` a positive
+  int. None, not 1.0, is the default: ``optax.inject_hyperparams`` would
+  trace a numeric default, and the fraction sets array shapes."""
+  if stats_fraction is None:
+    return
   if isinstance(stats_fraction, (bool, jax.Array)) or not isinstance(
       stats_fraction, (int, float)):
     raise ValueError(
@@ -1061,7 +1067,7 @@ def corrected_name(name: str) -> str:
 
 
 def check_options(where: str, *, stats_every, inverse_every, block_size,
-                  axes=None, stats_fraction=1.0, **choices) -> None:
+                  axes=None, stats_fraction=None, **choices) -> None:
   """Validates the static options of a Kronecker factory; names them."""
   check_stats_fraction(where, stats_fraction)
   allowed = {

@@ -110,7 +110,7 @@ def scale_by_tkfac(
     decay_schedule: str = 'constant',
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
-    stats_fraction: float = 1.0,
+    stats_fraction: float | None = None,
     dense_damping: str = 'beta',
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC preconditioning; see :func:`fisher_optax.tkfac`.
@@ -174,7 +174,7 @@ def tkfac(
     l2_in_damping: bool = False,
     conv_scaling: str = 'per_example',
     weight_sharing: str = 'expand',
-    stats_fraction: float = 1.0,
+    stats_fraction: float | None = None,
     dense_damping: str = 'beta',
     loss_scale: float = 1.0,
     model_every: int = 1,
