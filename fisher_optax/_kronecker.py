@@ -457,29 +457,24 @@ def layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype,
   """The layer's :class:`~fisher_optax._stats.KroneckerRows` in ``dtype``.
 
   With ``stats_fraction < 1`` the rows are those of the examples that the
-  statistics refresh ``refresh`` samples (:func:`_stats.subsample_examples`).
+  statistics refresh ``refresh`` samples (:func:`_stats.subsample_examples`);
+  their cotangents keep the scale of the whole batch's loss.
   """
-  st, weight = _stats.subsample_examples(
-      st, sample_period(opts.stats_fraction), refresh)
-  if opts.loss_reduction != 'mean':
-    # A summed loss's cotangents are per-example already.
-    weight = 1.0
-  rows = _layer_rows(opts, st, layout, dtype)
-  return rows if weight == 1.0 else rows._replace(g=rows.g * weight)
-
-
-def _layer_rows(opts: Options, st: _base.LayerStats, layout: Layout, dtype):
+  k = st.meta.stack_ndim
+  loss_batch = st.a.shape[k + 1]
+  st = _stats.subsample_examples(st, sample_period(opts.stats_fraction),
+                                 refresh)
   if st.meta.kind == 'embed':
-    k = st.meta.stack_ndim
     ids = st.a.reshape(st.a.shape[:k] + (1, -1)).astype(jnp.int32)
     batch = st.a.shape[k + 1]
-    scale = float(batch) if opts.loss_reduction == 'mean' else 1.0
+    scale = float(loss_batch) if opts.loss_reduction == 'mean' else 1.0
     g = st.g.astype(dtype).reshape(ids.shape + (st.g.shape[-1],)) * scale
     return _stats.KroneckerRows(ids, g, ids.shape[-1] // batch,
                                 st.a.shape[k])
   rows = _stats.kronecker_rows(st, opts.loss_reduction,
                                with_bias=layout.bias is not None,
-                               weight_sharing=opts.weight_sharing)
+                               weight_sharing=opts.weight_sharing,
+                               loss_batch=loss_batch)
   return rows._replace(a=rows.a.astype(dtype), g=rows.g.astype(dtype))
 
 

@@ -474,8 +474,9 @@ def reduce_rows(rows: KroneckerRows, batch: int) -> KroneckerRows:
   return KroneckerRows(a, g, 1, 1)
 
 
-def subsample_examples(st: _base.LayerStats, every: int, refresh):
-  """The statistics of one example in every ``every``, and their weight.
+def subsample_examples(st: _base.LayerStats, every: int, refresh
+                       ) -> _base.LayerStats:
+  """The statistics of one example in every ``every``.
 
   Kronecker factors are means over a batch's examples, so those of a
   sample of the examples estimate the same matrices without bias, and
@@ -494,15 +495,15 @@ def subsample_examples(st: _base.LayerStats, every: int, refresh):
     refresh: the statistics refresh's index (may be traced).
 
   Returns:
-    ``(stats, weight)``: the sampled statistics, and the factor by which
-    their cotangents must be multiplied to stay the cotangents of the
-    whole batch's mean loss (``B / B_sampled``).
+    The sampled statistics. Their cotangents are still those of the whole
+    batch's loss: a mean loss's carry ``1/B``, not ``1/B_sampled``
+    (:func:`kronecker_rows`' ``loss_batch``).
   """
   axis = st.meta.stack_ndim + 1
   batch = st.a.shape[axis]
   kept = batch // every
   if every == 1 or kept == 0:
-    return st, 1.0
+    return st
 
   def take(x):
     x = lax.slice_in_dim(x, 0, kept * every, axis=axis)
@@ -510,7 +511,7 @@ def subsample_examples(st: _base.LayerStats, every: int, refresh):
     return lax.dynamic_index_in_dim(x, refresh % every, axis + 1,
                                     keepdims=False)
 
-  return _base.LayerStats(take(st.a), take(st.g), st.meta), batch / kept
+  return _base.LayerStats(take(st.a), take(st.g), st.meta)
 
 
 def conv_patches(x, meta: _base.LayerMeta):
@@ -550,7 +551,8 @@ def conv_patches(x, meta: _base.LayerMeta):
 
 def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
                    with_bias: bool | None = None,
-                   weight_sharing: str = 'expand'):
+                   weight_sharing: str = 'expand',
+                   loss_batch: int | None = None):
   """:class:`KroneckerRows` of a dense or conv layer.
 
   Args:
@@ -564,6 +566,8 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
       conv's position means then come from :func:`conv_patch_means`, with
       no patches formed), or ``'auto'``: reduce for a conv layer, expand
       for a dense one.
+    loss_batch: the examples a mean loss averages over, when ``st`` holds
+      a sample of them (:func:`subsample_examples`); default: ``st``'s.
 
   Returns:
     The layer's :class:`KroneckerRows`.
@@ -580,7 +584,7 @@ def kronecker_rows(st: _base.LayerStats, loss_reduction: str = 'mean',
   has_bias = (meta.param_name('bias') is not None if with_bias is None
               else with_bias)
   batch = st.a.shape[k + 1]
-  scale = float(batch) if loss_reduction == 'mean' else 1.0
+  scale = float(loss_batch or batch) if loss_reduction == 'mean' else 1.0
   if meta.kind == 'conv':
     groups = meta.cfg('groups')
     g = _f32(st.g)
