@@ -4,11 +4,13 @@ The references are the float64 formulas of ``test_weight_sharing`` (written
 from the definitions, with hand-derived cotangents) applied to the examples
 that refresh ``k`` samples: ``k mod n, k mod n + n, ...`` of the batch, for
 ``stats_fraction = 1/n``. Each check uses averaging weights that tell the
-sampled examples from the whole batch.
+sampled examples from the whole batch. An embedding's statistics are
+checked against the library's on the sampled examples alone.
 """
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,25 @@ class SampledExamplesTest(parameterized.TestCase):
     want = _sampled(inputs, [0, 2], 'expand')
     for factor in ('A', 'G'):
       _assert_close(stats[name][factor][0, 0], want[factor])
+
+  def test_embedding_statistics_of_the_sample(self):
+    # The library on the sampled examples alone, with a mean loss over
+    # them, has the same per-example cotangents: the same statistics.
+    model = nn.Sequential([nn.Embed(10, 4), nn.Dense(3)])
+    ids = jax.random.randint(jax.random.key(0), (B, 5), 0, 10)
+    t = jax.random.normal(jax.random.key(1), (B, 5, 3))
+    params = model.init(jax.random.key(2), ids)['params']
+
+    def loss_of(ids, t):
+      return lambda p: jnp.mean(jnp.sum(
+          jnp.sin(model.apply({'params': p}, ids) * t), axis=(1, 2)))
+
+    sampled, _ = _stats_after('kfac', params, loss_of(ids, t), 1,
+                              stats_fraction=0.5)
+    want, _ = _stats_after('kfac', params, loss_of(ids[::2], t[::2]), 1)
+    for layer in want:
+      for name in want[layer]:
+        _assert_close(sampled[layer][name], want[layer][name])
 
   def test_batch_smaller_than_the_period_is_used_whole(self):
     params, loss, name, _ = _problem('conv')
