@@ -68,25 +68,52 @@ def _recording(preconditioner):
 
 
 def _model_terms(task, params, direction, batch):
-  """``(b, C)`` along ``direction``: the loss's slope and GGN curvature."""
+  """``(b_n, C_n)`` along ``direction``, per example: the loss's slope and
+  Gauss-Newton curvature, shape ``(2, examples)``.
+
+  The study's losses are means of per-example terms, so their Hessian in
+  the outputs is block-diagonal over the examples and each example's
+  share is its block's (the leading axis of every output).
+  """
   outputs, jvp = jax.linearize(lambda p: task.outputs(p, *batch), params)
   tangent = jvp(direction)
   grad, curvature = jax.jvp(
       jax.grad(lambda z: task.outputs_loss(z, *batch)), (outputs,),
       (tangent,))
-  dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b)))
-  return jnp.stack([dot(grad, tangent), dot(tangent, curvature)])
+  per_example = lambda a, b: sum(
+      jnp.sum((x * y).reshape(x.shape[0], -1), axis=1)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return jnp.stack([per_example(grad, tangent),
+                    per_example(tangent, curvature)])
+
+
+def predicted_error(b_n, c_n, damped, size):
+  r"""The same-examples learning rate's relative error on ``size`` examples.
+
+  With :math:`\alpha = \bar b / (\bar c + \lambda D / B)` over the
+  batch's :math:`B` examples, a sub-batch's estimate has, to first order,
+  the relative error of the mean over the sub-batch of
+  :math:`r_n = b_n / \bar b - c_n / (\bar c + \lambda D / B)`; drawn
+  without replacement its standard deviation is
+  :math:`\sqrt{(1 - m/B)\, \operatorname{var}(r) / m}`. The whole batch's
+  exact model has every term, so this costs nothing where the whole batch's
+  model is computed anyway.
+  """
+  batch = b_n.shape[-1]
+  r = (b_n / b_n.mean(-1, keepdims=True)
+       - c_n / (c_n.mean(-1, keepdims=True) + damped[..., None] / batch))
+  return np.sqrt((1 - size / batch) * r.var(-1, ddof=1) / size)
 
 
 def trace(task, seed, steps, sizes):
-  """``fo.kfac()`` on ``task``, and the model's terms along its directions.
+  r"""``fo.kfac()`` on ``task``, and the model's terms along its directions.
 
   Returns:
-    ``(rows, losses, learning_rates)``: per step, a row of the damping,
-    :math:`\lVert\Delta\rVert^2`, then ``(b, C)`` of the whole batch and
-    of each sub-batch size in ``sizes``; the training loss; the learning
-    rate the step chose.
+    ``(rows, losses, learning_rates, per_example)``: per step, a row of
+    the damping, :math:`\lVert\Delta\rVert^2`, then ``(b, C)`` of the
+    whole batch and of each sub-batch size in ``sizes``; the training
+    loss; the learning rate the step chose; the whole batch's
+    ``(b_n, C_n)`` per example, shape ``(steps, 2, examples)``.
   """
   step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
   batch = next(task.batches(seed))
@@ -105,21 +132,44 @@ def trace(task, seed, steps, sizes):
     updates, opt_state = tx.update(grads, opt_state, params,
                                    layer_stats=stats)
     direction = opt_state.inner.direction
-    terms = [_model_terms(task, params, direction, batch)]
-    terms += [_model_terms(task, params, direction,
-                           tuple(b[:n] for b in batch)) for n in sizes]
+    per_example = _model_terms(task, params, direction, batch)
+    terms = [per_example.sum(1)] + [
+        _model_terms(task, params, direction,
+                     tuple(b[:n] for b in batch)).sum(1) for n in sizes]
     norm = sum(jnp.vdot(x, x) for x in jax.tree.leaves(direction))
     return (optax.apply_updates(params, updates), opt_state, loss,
-            jnp.concatenate([jnp.stack([damping, norm])] + terms))
+            jnp.concatenate([jnp.stack([damping, norm])] + terms),
+            per_example)
 
   opt_state = tx.init(params)
-  rows, losses, learning_rates = [], [], []
+  rows, losses, learning_rates, per_example = [], [], [], []
   for _, batch in zip(range(steps), task.batches(seed)):
-    params, opt_state, loss, row = step(params, opt_state, *batch)
+    params, opt_state, loss, row, terms = step(params, opt_state, *batch)
     rows.append(np.asarray(row, np.float64))
+    per_example.append(np.asarray(terms, np.float64))
     losses.append(float(loss))
     learning_rates.append(float(opt_state.learning_rate))
-  return np.array(rows), np.array(losses), np.array(learning_rates)
+  return (np.array(rows), np.array(losses), np.array(learning_rates),
+          np.array(per_example))
+
+
+def gated(rows, per_example, sizes, threshold):
+  """Per sub-batch size: the steps whose previous step's whole-batch model
+  predicts a same-examples learning rate within ``threshold`` (relative
+  standard deviation), and the ratios to the whole batch's on them."""
+  damped = rows[:, 0] * rows[:, 1]
+  alpha = rows[:, 2] / (rows[:, 3] + damped)
+  out = []
+  for k, n in enumerate(sizes):
+    error = predicted_error(per_example[:, 0], per_example[:, 1], damped, n)
+    # The decision is taken on one exact model and used on the next step.
+    take = np.zeros_like(error, bool)
+    take[1:] = error[:-1] <= threshold
+    b_sub, c_sub = rows[:, 4 + 2 * k], rows[:, 5 + 2 * k]
+    ratio = b_sub / (c_sub + damped) / alpha
+    ok = np.isfinite(ratio) & (alpha > 0)
+    out.append((error, take & ok, ratio))
+  return out
 
 
 def summarise(name, rows, losses, sizes, batch_size):
@@ -154,22 +204,39 @@ def main(argv=None) -> None:
   parser.add_argument('--fractions', default='4,2',
                       help='sub-batch sizes as divisors of the batch')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--threshold', type=float, default=0.1,
+                      help='the gate\'s largest predicted relative error')
   parser.add_argument('--steps', type=int, default=None,
                       help="steps per task (default: the study's)")
   args = parser.parse_args(argv)
   print(f'JAX {jax.__version__} on {jax.default_backend()} '
         f'({platform.processor() or platform.machine()}); seed {args.seed}; '
         'fo.kfac() with no arguments, its own trajectory\n')
-  rows = []
+  rows, gate_rows = [], []
   for name in args.tasks.split(','):
     task = tasks_lib.TASKS[name]('full')
     sizes = [task.batch_size // int(d) for d in args.fractions.split(',')]
     steps = args.steps or cache_lib.STEPS[name]
-    trace_rows, losses, _ = trace(task, args.seed, steps, sizes)
+    trace_rows, losses, _, per_example = trace(task, args.seed, steps, sizes)
     rows += summarise(name, trace_rows, losses, sizes, task.batch_size)
+    for n, (error, take, ratio) in zip(
+        sizes, gated(trace_rows, per_example, sizes, args.threshold)):
+      kept = ratio[take]
+      spread = (f'{np.quantile(kept, 0.05):.2f}..'
+                f'{np.quantile(kept, 0.95):.2f}' if kept.size else '-')
+      gate_rows.append((
+          name, f'{n}/{task.batch_size}', f'{np.median(error):.2f}',
+          f'{100 * np.mean(take):.0f}%', spread,
+          f'{100 * np.mean(kept > 2):.0f}%' if kept.size else '-'))
   _common.print_table(
       ('task', 'examples', 'linear term', 'median', '5-95%', '> 2x', '> 4x',
        '< 0', '95%, lowest-loss quarter', 'C_sub / C: median / 5%'), rows)
+  print(f'\nA gate: the sub-batch model (b from the same examples) on the '
+        f'steps after one whose whole-batch model predicts its learning rate '
+        f'within {args.threshold:.0%} (relative standard deviation)\n')
+  _common.print_table(
+      ('task', 'examples', 'predicted error: median', 'steps gated in',
+       'ratio on them: 5-95%', '> 2x'), gate_rows)
 
 
 if __name__ == '__main__':

@@ -28,8 +28,8 @@ class SubBatchModelTest(absltest.TestCase):
     cls.task = tasks.TASKS['regression']('quick')
     n = cls.task.batch_size
     cls.sizes = [n, n // 4]
-    cls.rows, cls.losses, cls.learning_rates = sub_batch_model.trace(
-        cls.task, 0, 3, cls.sizes)
+    (cls.rows, cls.losses, cls.learning_rates,
+     cls.per_example) = sub_batch_model.trace(cls.task, 0, 3, cls.sizes)
 
   def test_first_step_is_the_libraries_model(self):
     damping, norm, b, c = self.rows[0, :4]
@@ -47,6 +47,36 @@ class SubBatchModelTest(absltest.TestCase):
     for row in whole:
       self.assertEqual(row[3], '1.00')  # median ratio
       self.assertEqual(row[5], '0%')  # > 2x
+
+  def test_per_example_terms_are_the_sub_batches(self):
+    """The whole batch's per-example shares, summed over the first ``m``
+    examples and rescaled to a mean over ``m``, are the sub-batch's own
+    model (its own forward pass): the loss is separable over examples."""
+    batch, m = self.task.batch_size, self.sizes[1]
+    want = self.per_example[:, :, :m].sum(-1) * batch / m
+    scale = np.abs(want).max(axis=0)
+    np.testing.assert_allclose(self.rows[:, 6:8] / scale, want / scale,
+                               atol=1e-5)
+    np.testing.assert_allclose(self.per_example.sum(-1), self.rows[:, 2:4],
+                               rtol=1e-5)
+
+  def test_predicted_error_against_sampling(self):
+    """The first-order prediction against random half-batches, drawn
+    without replacement, of one step's per-example terms. At a half the
+    finite-population factor is 0.5: leaving it out is 41% off."""
+    b_n, c_n = self.per_example[1]
+    damped = self.rows[1, 0] * self.rows[1, 1]
+    batch = b_n.size
+    m = batch // 2
+    rng = np.random.default_rng(0)
+    picks = np.argsort(rng.random((20000, batch)), axis=1)[:, :m]
+    alpha = b_n.sum() / (c_n.sum() + damped)
+    sub = b_n[picks].sum(1) / (c_n[picks].sum(1) + damped * m / batch)
+    sampled = np.std(sub / alpha)
+    predicted = sub_batch_model.predicted_error(b_n, c_n, np.asarray(damped),
+                                                m)
+    self.assertGreater(sampled, 1e-3)
+    np.testing.assert_allclose(predicted, sampled, rtol=0.1)
 
   def test_a_quarter_differs(self):
     self.assertFalse(np.allclose(self.rows[:, 6:8], self.rows[:, 2:4]))
