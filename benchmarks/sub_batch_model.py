@@ -1,4 +1,4 @@
-r"""Why the quadratic model cannot be built on a sub-batch (issue 33, 2b).
+r"""When the quadratic model can be built on a sub-batch (issue 33, 2b).
 
 The adaptive step's learning rate is the 1-D minimiser of its quadratic
 model along the preconditioned gradient :math:`\Delta`
@@ -8,8 +8,8 @@ model along the preconditioned gradient :math:`\Delta`
 Gauss-Newton curvature. Building the model on a sub-batch (Martens & Grosse
 §8 use a quarter) would cut its two tangent passes by as much, but in the
 study it diverged on the CNN. This trains ``fo.kfac()`` (no arguments) on a
-task of the convergence study and, at every step, along the direction the
-step actually took, compares the whole batch's :math:`\alpha` with two
+task of the convergence study and, at every step, along that step's
+:math:`\Delta`, compares the whole batch's :math:`\alpha` with two
 sub-batch estimates on the batch's first ``n`` examples:
 
 * ``b whole``: :math:`C` from the sub-batch, :math:`b` from the whole batch
@@ -19,14 +19,18 @@ sub-batch estimates on the batch's first ``n`` examples:
 It prints the quantiles of their ratio to the whole batch's :math:`\alpha`
 (a ratio of 2 is a step whose predicted decrease, on the whole batch's
 model, is zero), how often the ratio exceeds 2 and 4, and the sub-batch's
-curvature over the whole batch's. Only public API: the direction is
-recorded by a transformation around ``fo.scale_by_kfac`` inside
-``fo.adaptive``, which is how ``fo.kfac()`` is built.
+curvature over the whole batch's. A second table tries a gate: the
+whole batch's per-example shares of :math:`b` and :math:`C` predict the
+error of a sub-batch's :math:`\alpha` (``predicted_error``), and the
+sub-batch model is counted only on the steps after one whose prediction
+is within ``--threshold``. Only public API: the direction is recorded by
+a transformation around ``fo.scale_by_kfac`` inside ``fo.adaptive``,
+which is how ``fo.kfac()`` is built.
 
 Usage::
 
   python benchmarks/sub_batch_model.py --tasks cnn,autoencoder
-      [--fractions 4,2] [--seed 0] [--steps N]
+      [--fractions 4,2] [--threshold 0.1] [--seed 0] [--steps N]
 """
 
 import argparse

@@ -5,7 +5,9 @@ Its whole-batch terms are computed by hand (``task.outputs`` and
 checked against the library's own choice: on the first step there is no
 previous update, and the learning rate is the 1-D minimiser
 :math:`b / (C + \\lambda \\lVert\\Delta\\rVert^2)`. A "sub-batch" of the
-whole batch must reproduce the whole batch's terms exactly.
+whole batch must reproduce the whole batch's terms exactly; the per-example
+shares must add up to a sub-batch's own model; and the predicted error of
+a sub-batch's learning rate must match random sub-batches.
 """
 
 import os
