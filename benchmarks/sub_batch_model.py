@@ -157,40 +157,48 @@ def trace(task, seed, steps, sizes):
           np.array(per_example))
 
 
+def _ratios(rows, k):
+  """Sub-batch ``k``'s learning rates over the whole batch's, per step.
+
+  Returns:
+    ``(ok, whole, same, curvature)``: the steps whose whole-batch model
+    predicts a decrease (the others are not taken); the ratio with
+    :math:`b` from the whole batch and with :math:`b` from the same
+    examples; the sub-batch's :math:`C` over the whole batch's.
+  """
+  damped = rows[:, 0] * rows[:, 1]
+  b_whole, c_whole = rows[:, 2], rows[:, 3]
+  b_sub, c_sub = rows[:, 4 + 2 * k], rows[:, 5 + 2 * k]
+  alpha = b_whole / (c_whole + damped)
+  ok = np.isfinite(alpha) & (alpha > 0)
+  return (ok, b_whole / (c_sub + damped) / alpha,
+          b_sub / (c_sub + damped) / alpha, c_sub / c_whole)
+
+
 def gated(rows, per_example, sizes, threshold):
   """Per sub-batch size: the steps whose previous step's whole-batch model
   predicts a same-examples learning rate within ``threshold`` (relative
   standard deviation), and the ratios to the whole batch's on them."""
   damped = rows[:, 0] * rows[:, 1]
-  alpha = rows[:, 2] / (rows[:, 3] + damped)
   out = []
   for k, n in enumerate(sizes):
     error = predicted_error(per_example[:, 0], per_example[:, 1], damped, n)
     # The decision is taken on one exact model and used on the next step.
     take = np.zeros_like(error, bool)
     take[1:] = error[:-1] <= threshold
-    b_sub, c_sub = rows[:, 4 + 2 * k], rows[:, 5 + 2 * k]
-    ratio = b_sub / (c_sub + damped) / alpha
-    ok = np.isfinite(ratio) & (alpha > 0)
-    out.append((error, take & ok, ratio))
+    ok, _, ratio, _ = _ratios(rows, k)
+    out.append((error, take & ok & np.isfinite(ratio), ratio))
   return out
 
 
 def summarise(name, rows, losses, sizes, batch_size):
   """Table rows: the sub-batch alpha over the whole batch's."""
-  damped = rows[:, 0] * rows[:, 1]
-  b_whole, c_whole = rows[:, 2], rows[:, 3]
-  alpha = b_whole / (c_whole + damped)
-  # Steps whose whole-batch model predicts no decrease are not taken.
-  ok = np.isfinite(alpha) & (alpha > 0)
   late = losses <= np.quantile(losses, 0.25)
   out = []
   for k, n in enumerate(sizes):
-    b_sub, c_sub = rows[:, 4 + 2 * k], rows[:, 5 + 2 * k]
-    ratio_c = c_sub[ok] / c_whole[ok]
-    for label, b in (('b whole', b_whole), ('b same', b_sub)):
-      q = (b / (c_sub + damped))[ok] / alpha[ok]
-      q_late = (b / (c_sub + damped))[ok & late] / alpha[ok & late]
+    ok, whole, same, curvature = _ratios(rows, k)
+    for label, ratio in (('b whole', whole), ('b same', same)):
+      q, q_late = ratio[ok], ratio[ok & late]
       out.append((
           name, f'{n}/{batch_size}', label,
           f'{np.median(q):.2f}',
@@ -198,7 +206,8 @@ def summarise(name, rows, losses, sizes, batch_size):
           f'{100 * np.mean(q > 2):.0f}%', f'{100 * np.mean(q > 4):.0f}%',
           f'{100 * np.mean(q < 0):.0f}%',
           f'{np.quantile(q_late, 0.95):.1f}',
-          f'{np.median(ratio_c):.2f} / {np.quantile(ratio_c, 0.05):.2f}'))
+          f'{np.median(curvature[ok]):.2f} / '
+          f'{np.quantile(curvature[ok], 0.05):.2f}'))
   return out
 
 
