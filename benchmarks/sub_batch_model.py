@@ -56,7 +56,7 @@ class _Recorded(NamedTuple):
   direction: optax.Updates
 
 
-def _recording(preconditioner):
+def recording(preconditioner):
   """``preconditioner``, keeping its last direction in its state."""
 
   def init_fn(params):
@@ -71,7 +71,7 @@ def _recording(preconditioner):
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _model_terms(task, params, direction, batch):
+def model_terms(task, params, direction, batch):
   """``(b_n, C_n)`` along ``direction``, per example: the loss's slope and
   Gauss-Newton curvature, shape ``(2, examples)``.
 
@@ -125,7 +125,7 @@ def trace(task, seed, steps, sizes):
   layers = jax.eval_shape(lambda p: step_fn(p, *batch), params)[2]
   # fo.kfac() is this composition (fixed_or_adaptive in _adaptive.py).
   tx = fo.adaptive(
-      _recording(fo.scale_by_kfac(damping=1e-2, momentum=0.0, layers=layers,
+      recording(fo.scale_by_kfac(damping=1e-2, momentum=0.0, layers=layers,
                                   loss_reduction=task.loss_reduction)),
       damping=1e-2, loss_reduction=task.loss_reduction)
 
@@ -136,9 +136,9 @@ def trace(task, seed, steps, sizes):
     updates, opt_state = tx.update(grads, opt_state, params,
                                    layer_stats=stats)
     direction = opt_state.inner.direction
-    per_example = _model_terms(task, params, direction, batch)
+    per_example = model_terms(task, params, direction, batch)
     terms = [per_example.sum(1)] + [
-        _model_terms(task, params, direction,
+        model_terms(task, params, direction,
                      tuple(b[:n] for b in batch)).sum(1) for n in sizes]
     norm = sum(jnp.vdot(x, x) for x in jax.tree.leaves(direction))
     return (optax.apply_updates(params, updates), opt_state, loss,

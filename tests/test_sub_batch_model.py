@@ -8,16 +8,24 @@ previous update, and the learning rate is the 1-D minimiser
 whole batch must reproduce the whole batch's terms exactly; the per-example
 shares must add up to a sub-batch's own model; and the predicted error of
 a sub-batch's learning rate must match random sub-batches.
+
+``adaptive_trace.py --next-batch`` uses the same terms on the next batch;
+its rows are checked against ``fo.kfac()`` itself and ``jax.grad``.
 """
 
 import os
 import sys
 
 from absl.testing import absltest
+import jax
 import numpy as np
+import optax
+
+import fisher_optax as fo
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'benchmarks'))
+import adaptive_trace  # noqa: E402  pylint: disable=g-import-not-at-top
 import sub_batch_model  # noqa: E402  pylint: disable=g-import-not-at-top
 from study import tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -85,6 +93,50 @@ class SubBatchModelTest(absltest.TestCase):
 
   def test_a_quarter_differs(self):
     self.assertFalse(np.allclose(self.rows[:, 6:8], self.rows[:, 2:4]))
+
+
+class NextBatchTest(absltest.TestCase):
+
+  def test_rows_against_fo_kfac_and_jax_grad(self):
+    """The first two steps' terms on the own and the next batch: the slope
+    along Delta from ``jax.grad``, Delta from ``fo.kfac()``'s own update
+    (``-update / alpha`` on the first step, with no previous update; then
+    ``(mu delta - update) / alpha``), and the loss changes."""
+    task = tasks.TASKS['regression']('quick')
+    rows = adaptive_trace.next_batch(task, 0, 2)
+    step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
+    batches = [b for _, b in zip(range(3), task.batches(0))]
+    params = task.init(0)
+    layers = jax.eval_shape(lambda p: step_fn(p, *batches[0]), params)[2]
+    tx = fo.kfac(layers=layers, loss_reduction=task.loss_reduction)
+    state = tx.init(params)
+    delta = None
+    vdot = lambda u, v: sum(float(np.vdot(a, b)) for a, b in zip(
+        jax.tree.leaves(u), jax.tree.leaves(v)))
+
+    @jax.jit
+    def step(params, state, *batch):
+      _, grads, stats = step_fn(params, *batch)
+      return tx.update(grads, state, params, layer_stats=stats)
+
+    for t in range(2):
+      update, state = step(params, state, *batches[t])
+      alpha, mu = float(state.learning_rate), float(state.momentum)
+      direction = jax.tree.map(
+          lambda u, d, a=alpha, m=mu: (m * d - u) / a, update,
+          delta if delta is not None else jax.tree.map(np.zeros_like, update))
+      new = optax.apply_updates(params, update)
+      want = []
+      for b in (batches[t], batches[t + 1]):
+        want.append(vdot(jax.grad(task.loss_fn)(params, *b), direction))
+      want += [float(task.loss_fn(new, *batches[t + 1])
+                     - task.loss_fn(params, *batches[t + 1])),
+               float(task.loss_fn(new, *batches[t])
+                     - task.loss_fn(params, *batches[t]))]
+      got = rows[t, [3, 5, 7, 8]]
+      np.testing.assert_allclose(got, want, rtol=1e-3,
+                                 atol=1e-4 * np.max(np.abs(want)))
+      params, delta = new, update
 
 
 if __name__ == '__main__':
