@@ -162,6 +162,64 @@ def _one_update(tx, params, grads, stats):
                                      layer_stats=stats))(state)
 
 
+def _patches_by_convolution(x, meta):
+  """The patches as ``lax.conv_general_dilated_patches`` forms them (a
+  convolution with a one-hot kernel), in the kernel's feature order."""
+  cfg = dict(meta.config)
+  ks = cfg['kernel_size']
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  spatial = 'DHW'[-len(ks):]
+  c_in, groups = x.shape[-1], cfg['groups']
+  dn = jax.lax.conv_dimension_numbers(
+      x.shape, ks + (c_in, c_in), ('N' + spatial + 'C', spatial + 'IO',
+                                   'N' + spatial + 'C'))
+  p = jax.lax.conv_general_dilated_patches(
+      x, ks, cfg['strides'], cfg['padding'], cfg['lhs_dilation'],
+      cfg['rhs_dilation'], dn, precision=jax.lax.Precision.HIGHEST)
+  # Features come out (C_in, *kernel_size): reorder to (*kernel, C_in)
+  # within each group.
+  p = p.reshape((-1, groups, c_in // groups, int(np.prod(ks))))
+  p = jnp.swapaxes(p, -1, -2).reshape((-1, groups, p.shape[-1] * p.shape[-2]))
+  return jnp.swapaxes(p, 0, 1)
+
+
+class ConvPatchesTest(parameterized.TestCase):
+  """``conv_patches`` (strided slices) against a convolution that forms
+  the same patches, for every padding, stride, dilation and group form
+  that capture accepts."""
+
+  @parameterized.named_parameters(
+      ('same', (3, 3), dict(padding='SAME')),
+      ('same_strided_even_kernel', (2, 4), dict(padding='SAME', strides=2)),
+      ('valid_strided_dilated', (3, 2),
+       dict(padding='VALID', strides=(2, 1), kernel_dilation=(1, 2))),
+      ('explicit', (3, 3), dict(padding=((2, 0), (1, 3)))),
+      ('groups', (3, 3), dict(padding='SAME', feature_group_count=2)),
+      ('circular', (3, 3), dict(padding='CIRCULAR')),
+      ('input_dilation', (3, 3), dict(padding=((1, 1), (2, 1)),
+                                      input_dilation=2)),
+      ('causal_1d', (3,), dict(padding='CAUSAL', kernel_dilation=2)),
+      ('conv_3d', (2, 3, 2), dict(padding='SAME', strides=(1, 2, 1))),
+  )
+  def test_equals_the_convolution_patches(self, kernel_size, kw):
+    conv = nn.Conv(6, kernel_size, **kw)
+    spatial = (7, 9, 5)[:len(kernel_size)] if len(kernel_size) > 1 else (11,)
+    x = jax.random.normal(jax.random.key(0), (3,) + spatial + (4,))
+    params = conv.init(jax.random.key(1), x)['params']
+    loss = lambda p, x: jnp.mean(jnp.sin(conv.apply({'params': p}, x)))
+    _, _, stats = jax.jit(fo.linen.value_grad_and_stats(loss))(params, x)
+    st = stats['']
+    got = jax.jit(lambda a: _stats.conv_patches(a, st.meta))(st.a[0])
+    want = _patches_by_convolution(st.a[0], st.meta)
+    self.assertEqual(got.shape, want.shape)
+    # As many rows as the layer's output has positions.
+    out = conv.apply({'params': params}, x)
+    self.assertEqual(got.shape[1], int(np.prod(out.shape[:-1])))
+    assert_close(got, want)
+
+
 class PreconditionTest(parameterized.TestCase):
   """The first preconditioned update against a dense numpy solve."""
 
