@@ -522,10 +522,10 @@ def conv_patches(x, meta: _base.LayerMeta):
 
   Each kernel tap's column is a strided slice of the padded input: data
   movement only. ``lax.conv_general_dilated_patches`` forms the same array
-  as a convolution with a one-hot kernel, as many multiply-adds as the
-  factor's product itself, and on one CPU core it took 3x the product's
-  time (a 3x3 conv of 16 channels, batch 128, 14x14). Input dilation (a
-  transposed conv) still takes that path.
+  as a depthwise convolution with a one-hot kernel, in another feature
+  order; on one CPU core that and the reordering took 3x the time of the
+  factor's product (a 3x3 conv of 16 channels, batch 128, 14x14). Input
+  dilation (a transposed conv) still takes that path.
 
   Args:
     x: ``(rows..., *spatial, C_in)`` inputs of one stack element.
