@@ -196,6 +196,7 @@ class ConvPatchesTest(parameterized.TestCase):
       ('valid_strided_dilated', (3, 2),
        dict(padding='VALID', strides=(2, 1), kernel_dilation=(1, 2))),
       ('explicit', (3, 3), dict(padding=((2, 0), (1, 3)))),
+      ('negative_pad', (3, 3), dict(padding=((-1, 2), (1, -1)))),
       ('groups', (3, 3), dict(padding='SAME', feature_group_count=2)),
       ('circular', (3, 3), dict(padding='CIRCULAR')),
       ('input_dilation', (3, 3), dict(padding=((1, 1), (2, 1)),
