@@ -111,6 +111,28 @@ def _taps(size: int, k: int, stride: int, dilation: int, pads):
   return hits, positions
 
 
+def _conv_input(x, cfg):
+  """One stack element's inputs as ``(rows, *spatial, C_in)``, with the
+  layer's own padding that ``lax`` lacks (circular, reflect, causal)."""
+  n = len(cfg['kernel_size'])
+  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
+  if cfg['pre_pad'] is not None:
+    mode, pads = cfg['pre_pad']
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  return x
+
+
+def _explicit_pads(spatial, cfg):
+  """``(dilated, pads)``: the dilated kernel's extent and the ``(lo, hi)``
+  padding along each spatial axis of an input of shape ``spatial``."""
+  dilated = [(k - 1) * d + 1 for k, d in zip(cfg['kernel_size'],
+                                              cfg['rhs_dilation'])]
+  pads = (lax.padtype_to_pads(spatial, dilated, cfg['strides'],
+                              cfg['padding'])
+          if isinstance(cfg['padding'], str) else cfg['padding'])
+  return dilated, pads
+
+
 def _window_sums(x, meta: _base.LayerMeta, per_row: bool):
   """Sums over output positions of a conv's input patches, kernel layout.
 
@@ -134,18 +156,11 @@ def _window_sums(x, meta: _base.LayerMeta, per_row: bool):
   n = len(cfg['kernel_size'])
   if n > 3:
     raise ValueError(f'{n}-D convolutions are not supported.')
-  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
-  if cfg['pre_pad'] is not None:
-    mode, pads = cfg['pre_pad']
-    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  x = _conv_input(x, cfg)
   if any(d != 1 for d in cfg['lhs_dilation']):
     return _window_sums_by_vjp(x, cfg, per_row)
   spatial = x.shape[1:-1]
-  dilated = [(k - 1) * d + 1 for k, d in zip(cfg['kernel_size'],
-                                              cfg['rhs_dilation'])]
-  pads = (lax.padtype_to_pads(spatial, dilated, cfg['strides'],
-                              cfg['padding'])
-          if isinstance(cfg['padding'], str) else cfg['padding'])
+  _, pads = _explicit_pads(spatial, cfg)
   if not per_row:
     x = jnp.sum(x, axis=0, keepdims=True)
   positions = 1
@@ -537,19 +552,12 @@ def conv_patches(x, meta: _base.LayerMeta):
   """
   cfg = dict(meta.config)
   ks = cfg['kernel_size']
-  n = len(ks)
-  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
-  if cfg['pre_pad'] is not None:
-    mode, pads = cfg['pre_pad']
-    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  x = _conv_input(x, cfg)
   groups = cfg['groups']
   c_in = x.shape[-1]
   if all(d == 1 for d in cfg['lhs_dilation']):
     dilation, strides = cfg['rhs_dilation'], cfg['strides']
-    dilated = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
-    pads = (lax.padtype_to_pads(x.shape[1:-1], dilated, strides,
-                                cfg['padding'])
-            if isinstance(cfg['padding'], str) else cfg['padding'])
+    dilated, pads = _explicit_pads(x.shape[1:-1], cfg)
     # Negative padding crops, as in lax.conv.
     x = lax.pad(x, jnp.zeros([], x.dtype),
                 ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads)
@@ -567,7 +575,7 @@ def conv_patches(x, meta: _base.LayerMeta):
         (-1, math.prod(ks), groups, c_in // groups))
     return jnp.moveaxis(p, 2, 0).reshape(
         (groups, -1, math.prod(ks) * (c_in // groups)))
-  spatial = 'DHW'[-n:]
+  spatial = 'DHW'[-len(ks):]
   dn = lax.conv_dimension_numbers(
       x.shape, ks + (c_in, c_in), ('N' + spatial + 'C', spatial + 'IO',
                                    'N' + spatial + 'C'))
