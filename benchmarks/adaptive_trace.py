@@ -77,17 +77,9 @@ def next_batch(task, seed, steps):
     on the next, and the loss change of the step taken on the next batch
     and on its own.
   """
-  step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
+  step_fn, tx, params = sub_batch_model.recorded_kfac(task, seed)
   batches = task.batches(seed)
   batch = next(batches)
-  params = task.init(seed)
-  layers = jax.eval_shape(lambda p: step_fn(p, *batch), params)[2]
-  # fo.kfac() is this composition (fixed_or_adaptive in _adaptive.py).
-  tx = fo.adaptive(
-      sub_batch_model.recording(fo.scale_by_kfac(
-          damping=1e-2, momentum=0.0, layers=layers,
-          loss_reduction=task.loss_reduction)),
-      damping=1e-2, loss_reduction=task.loss_reduction)
 
   @jax.jit
   def step(params, opt_state, batch, following):

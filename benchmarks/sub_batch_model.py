@@ -71,6 +71,26 @@ def recording(preconditioner):
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def recorded_kfac(task, seed):
+  """``fo.kfac()`` on ``task``, recording its direction.
+
+  Returns:
+    ``(step_fn, tx, params)``: the capture step, ``fo.kfac()`` as its
+    composition (``fixed_or_adaptive`` in ``_adaptive.py``) with the
+    preconditioner's last direction in ``state.inner.direction``, and the
+    task's initial parameters.
+  """
+  step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
+  batch = next(task.batches(seed))
+  params = task.init(seed)
+  layers = jax.eval_shape(lambda p: step_fn(p, *batch), params)[2]
+  tx = fo.adaptive(
+      recording(fo.scale_by_kfac(damping=1e-2, momentum=0.0, layers=layers,
+                                  loss_reduction=task.loss_reduction)),
+      damping=1e-2, loss_reduction=task.loss_reduction)
+  return step_fn, tx, params
+
+
 def model_terms(task, params, direction, batch):
   """``(b_n, C_n)`` along ``direction``, per example: the loss's slope and
   Gauss-Newton curvature, shape ``(2, examples)``.
@@ -119,15 +139,7 @@ def trace(task, seed, steps, sizes):
     loss; the learning rate the step chose; the whole batch's
     ``(b_n, C_n)`` per example, shape ``(steps, 2, examples)``.
   """
-  step_fn = fo.linen.value_grad_and_stats(task.loss_fn)
-  batch = next(task.batches(seed))
-  params = task.init(seed)
-  layers = jax.eval_shape(lambda p: step_fn(p, *batch), params)[2]
-  # fo.kfac() is this composition (fixed_or_adaptive in _adaptive.py).
-  tx = fo.adaptive(
-      recording(fo.scale_by_kfac(damping=1e-2, momentum=0.0, layers=layers,
-                                  loss_reduction=task.loss_reduction)),
-      damping=1e-2, loss_reduction=task.loss_reduction)
+  step_fn, tx, params = recorded_kfac(task, seed)
 
   @jax.jit
   def step(params, opt_state, *batch):
