@@ -58,6 +58,9 @@ from fisher_optax import _sharding
 from fisher_optax import _stats
 
 MODES = ('paper', 'reference')
+# In 'paper' mode a factor whose range is at most this many ulps of its
+# maximum normalises to 0 (see _relative_range).
+_RANGE_ULPS = 64
 FALLBACKS = ('adam', 'momentum', 'damping')
 
 
@@ -175,6 +178,29 @@ def layer_factors(st: _base.LayerStats, old: Curvature, names: list[str],
 # Stage 2: moving average and min-max normalisation, two orders.
 
 
+def _relative_range(xs, k: int, eps):
+  """``(min, spread)`` of the paper's min-max, ``spread = 0`` for no range.
+
+  ``mm(x) = (x - min) / spread`` with ``spread = max - min + eps * |max|``;
+  a range within float rounding of zero counts as none, so that ``mm`` is
+  0, as for any constant vector. XLA may compute an average twice (inside
+  the min/max's fusion and for the stored state) and round the two an ulp
+  apart; with the relative ``eps`` only ~8 float32 ulps, one ulp of noise
+  would otherwise normalise to ~0.1: a one-output layer, whose exact ``F``
+  is the damping, got up to 100x that, or a negative ``F``.
+  """
+  lo, hi = _group_min_max(xs, k)
+  finfo = jnp.finfo(lo.dtype)
+  resolved = hi - lo > _RANGE_ULPS * finfo.eps * jnp.abs(hi)
+  spread = hi - lo + eps * jnp.abs(hi)
+  return lo, jnp.where(resolved & (spread >= finfo.tiny), spread, 0.0)
+
+
+def _divide(x, spread):
+  """``x / spread``, and 0 where ``spread`` is 0."""
+  return jnp.where(spread > 0, x / jnp.where(spread > 0, spread, 1.0), 0.0)
+
+
 def paper_average_then_normalise(old: Curvature, new_h, new_s, k: int,
                                  fisher_decay, eps,
                                  normalise_h: bool) -> Curvature:
@@ -183,7 +209,9 @@ def paper_average_then_normalise(old: Curvature, new_h, new_s, k: int,
   The min-max is over all of a layer's (trained) parameters together, per
   stack element (the first ``k`` axes), with a relative epsilon. A zero
   range (all output gradients zero) normalises to 0, as any other constant
-  vector does, so ``F = damping`` there instead of ``inf * 0 = NaN``.
+  vector does, so ``F = damping`` there instead of ``inf * 0 = NaN``; so
+  does a range within 64 ulps of the maximum, which rounding alone can
+  make (:func:`_relative_range`).
 
   Args:
     old: one layer's curvature slots.
@@ -198,21 +226,18 @@ def paper_average_then_normalise(old: Curvature, new_h, new_s, k: int,
     The layer's new curvature: ``scale = mm(H) / range(S)`` and
     ``shift = min S``, so that ``scale * (s - shift) = mm(H) mm(S)``.
   """
-  tiny = jnp.finfo(old.s[0].dtype).tiny
   h = [fisher_decay * o + (1 - fisher_decay) * x
        for o, x in zip(old.h, new_h)]
   s = [fisher_decay * o + (1 - fisher_decay) * x
        for o, x in zip(old.s, new_s)]
   if normalise_h:
-    lo, hi = _group_min_max(h, k)
-    hn = [(x - _expand(lo, x.ndim)) / _expand(
-        hi - lo + eps * jnp.abs(hi) + tiny, x.ndim) for x in h]
+    lo, spread = _relative_range(h, k, eps)
+    hn = [_divide(x - _expand(lo, x.ndim), _expand(spread, x.ndim))
+          for x in h]
   else:
     hn = [jnp.ones_like(x) for x in h]
-  lo, hi = _group_min_max(s, k)
-  spread = hi - lo + eps * jnp.abs(hi)
-  scale = [jnp.where(_expand(spread >= tiny, x.ndim),
-                     x / _expand(spread + tiny, x.ndim), 0.0) for x in hn]
+  lo, spread = _relative_range(s, k, eps)
+  scale = [_divide(x, _expand(spread, x.ndim)) for x in hn]
   shift = [jnp.broadcast_to(_expand(lo, x.ndim), x.shape) for x in hn]
   return Curvature(h, s, scale, shift)
 
@@ -361,7 +386,11 @@ def precondition(grads, mu, curv: Curvature, covered: set[int], captured,
       continue
     bias_mu = 1 - b1 ** count_inc.astype(_base.stats_dtype(m))
     m_hat = m / bias_mu.astype(m.dtype)
-    stored = curv.scale[i] * (s[i] - curv.shift[i]) + damping
+    # F >= damping by construction, whatever rounding did to the factors
+    # (or to a state written elsewhere): F < damping would multiply the
+    # step, and a negative F turns it uphill.
+    stored = (jnp.maximum(curv.scale[i] * (s[i] - curv.shift[i]), 0)
+              + damping)
     if i in covered:
       u = m_hat / stored
     else:

@@ -106,6 +106,92 @@ class ZeroRangeTest(parameterized.TestCase):
     self.assertEqual(int(_inner(state).nonfinite), 0)
 
 
+def _replace_inner(state, **fields):
+  """``state`` with the ScaleByAdaFisherState's ``fields`` replaced."""
+  is_state = lambda s: isinstance(s, fo.ScaleByAdaFisherState)
+  return jax.tree.map(lambda s: s._replace(**fields) if is_state(s) else s,
+                      state, is_leaf=is_state)
+
+
+def _ulps_above(value, n):
+  x = np.float32(value)
+  for _ in range(n):
+    x = np.nextafter(x, np.float32(np.inf))
+  return x
+
+
+class RoundingTest(parameterized.TestCase):
+  """Rounding in the output-side factor never decides the preconditioner.
+
+  A layer with one output feature (a scalar regression head) has one
+  ``S_D`` for its kernel and bias, so its exact ``F`` is the damping. XLA
+  computed the averaged factor twice, rounded an ulp apart; the paper-mode
+  min-max turned that ulp into a normalised factor of ~0.1, or, with the
+  stored entry below its own minimum, into a negative ``F`` that diverged.
+  """
+
+  @parameterized.parameters(0, 1, 8, 64, 4096)
+  def test_range_within_rounding_is_no_range(self, ulps):
+    rng = np.random.default_rng(ulps)
+    value = np.float32(1.5e-4)
+    s_kernel, s_bias = value, _ulps_above(value, ulps)
+    h_kernel = rng.uniform(0.1, 0.9, (4, 1)).astype(np.float32)
+    zeros = [jnp.zeros((4, 1)), jnp.zeros((1,))]
+    old = fo._adafisher.Curvature(zeros, zeros, zeros, zeros)  # pylint: disable=protected-access
+    eps = 1e-6
+    # fisher_decay=0: the averages are this step's factors, bit for bit.
+    paper = fo._adafisher.paper_average_then_normalise  # pylint: disable=protected-access
+    combine = jax.jit(lambda o, h, s: paper(o, h, s, 0, 0.0, eps, True))
+    new = combine(old, [jnp.asarray(h_kernel), jnp.ones((1,))],
+                  [jnp.full((1,), s_kernel), jnp.full((1,), s_bias)])
+    got = [np.asarray(sc * (s - sh), np.float64)
+           for sc, s, sh in zip(new.scale, new.s, new.shift)]
+    if ulps <= 64:
+      # No range: F = damping on the whole layer, as in exact arithmetic.
+      for x in got:
+        np.testing.assert_array_equal(x, 0.0)
+      return
+    # A range above rounding is normalised as the paper says (float64).
+    h = np.concatenate([h_kernel.ravel(), [1.0]]).astype(np.float64)
+    s = np.array([s_kernel] * 4 + [s_bias], np.float64)
+    mm = lambda v: (v - v.min()) / (v.max() - v.min() + eps * v.max())
+    want = mm(h) * mm(s)
+    assert_close(np.concatenate([x.ravel() for x in got]), want, rtol=1e-4)
+    self.assertGreater(want.max(), 0.9)
+
+  @parameterized.parameters('adafisher', 'adafisherw')
+  def test_entry_below_its_minimum_keeps_f_at_the_damping(self, name):
+    model = nn.Dense(1)
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    y = jax.random.normal(jax.random.key(1), (16, 1))
+    params = model.init(jax.random.key(2), x)['params']
+    loss = lambda p: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+    step_fn = fo.linen.value_grad_and_stats(loss)
+    lr, b1, damping = 1e-3, 0.9, 1e-3
+    tx = getattr(fo, name)(lr, b1=b1, damping=damping, weight_decay=0.0,
+                           stats_every=10, mode='paper')
+
+    @jax.jit
+    def step(p, state):
+      _, grads, stats = step_fn(p)
+      updates, state = tx.update(grads, state, p, layer_stats=stats)
+      return updates, state
+
+    _, state = step(params, tx.init(params))
+    inner = _inner(state)
+    # The state that diverged: the kernel's stored factor an ulp below the
+    # layer's minimum, times the scale ~1/(eps max S) of a one-value range.
+    shift = inner.shift['kernel']
+    below = jnp.nextafter(jnp.broadcast_to(shift, inner.s['kernel'].shape),
+                          -jnp.inf)
+    state = _replace_inner(
+        state, s=dict(inner.s, kernel=below),
+        scale=dict(inner.scale, kernel=jnp.full_like(shift, 1e9)))
+    updates, state = step(params, state)  # count 1: no refresh
+    m_hat = _np(_inner(state).mu['kernel']) / (1 - b1 ** 2)
+    assert_close(updates['kernel'], -lr * m_hat / damping, rtol=1e-5)
+
+
 class Mlp(nn.Module):
 
   @nn.compact
