@@ -69,6 +69,7 @@ Usage::
       [--budget-steps 600] [--budget-seconds 0] [--seeds 3]
   python benchmarks/convergence.py --report
   python benchmarks/convergence.py --quick   # CI: every optimizer, tiny
+  python benchmarks/convergence.py --quick --seeds 5   # the same, 5 seeds
 """
 
 import argparse
@@ -95,7 +96,9 @@ def main(argv=None) -> int:
                       help='steps per run (default: the task\'s)')
   parser.add_argument('--budget-seconds', type=float, default=0.0,
                       help='also stop a run after this much training time')
-  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--seeds', type=int, default=None,
+                      help='seeds per setting (default 3; with --quick, '
+                      'default 1: seed 0 alone)')
   parser.add_argument('--fixed', default=None,
                       help='lr[,damping]: run this setting only, no sweep')
   parser.add_argument('--quick', action='store_true',
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     optimizers = [n for n in optimizers
                   if n not in optimizers_lib.QUICK_SKIP]
   if args.quick:
-    failures = runner.quick(optimizers, tasks)
+    failures = runner.quick(optimizers, tasks, range(args.seeds or 1))
     if failures:
       print('loss not reduced: ' + ', '.join(failures))
       return 1
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
         print(f'{task_name} {spec}: skipped ({e})')
         continue
       lr, damping = first[:2] if args.fixed else study.tune(spec)
-      study.seeds(spec, lr, damping, args.seeds)
+      study.seeds(spec, lr, damping, args.seeds or 3)
       print(f'{task_name} {spec}: best lr={lr} damping={damping}',
             flush=True)
   return 0

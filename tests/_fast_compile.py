@@ -10,6 +10,26 @@ three times faster, with the same library code. Worker processes (forced
 devices, several processes) get the same flags through :func:`xla_flags`.
 
 ``FISHER_OPTAX_TEST_XLA_DEFAULT=1`` runs everything with XLA's defaults.
+
+What the flags change about the numbers: the program is the same, its
+code generation is not. Fusion decisions differ (an elementwise result
+may be computed once, or again inside each consumer's fusion), LLVM
+contracts a multiply and an add into one fused multiply-add in some
+places and not others, and reductions may sum in another order. So
+float32 results differ from the default compile's in their last bits,
+as they differ between CPUs and thread counts, never by more than
+rounding in one step. Over many steps such a difference can grow; where
+one ulp decides a branch or a sign it flips the outcome (AdaFisher's
+min-max once turned an ulp into a negative preconditioner, see
+docs/reliability.md).
+
+How to tell whether a failure comes from the flags: run the failing test
+again with ``FISHER_OPTAX_TEST_XLA_DEFAULT=1``. If it passes there, the
+test or the code is sensitive to rounding, which a user's GPU, TPU or
+other CPU would hit too: find the step where the two runs leave each
+other (rounding-level differences that become large), and rerun that
+computation in float64 (``jax_enable_x64``) to see which is the exact
+behaviour. Fix the numerics or the test's margin; never the flags.
 """
 
 import os

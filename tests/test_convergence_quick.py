@@ -36,6 +36,12 @@ class ConvergenceQuickTest(parameterized.TestCase):
     failures = runner.quick(['adam:eps=1e30'], ['regression'])
     self.assertEqual(failures, ['regression/adam:eps=1e30'])
 
+  def test_every_seed_is_checked(self):
+    failures = runner.quick(['adam:eps=1e30', 'adam'], ['regression'],
+                            seeds=(0, 2))
+    self.assertEqual(failures, ['regression/adam:eps=1e30',
+                                'regression/adam:eps=1e30@2'])
+
 
 class CacheTest(absltest.TestCase):
 

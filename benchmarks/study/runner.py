@@ -8,6 +8,7 @@ each spec's best cached setting side by side, and :func:`quick` is the CI
 check.
 """
 
+from collections.abc import Sequence
 import json
 import math
 import os
@@ -416,12 +417,15 @@ def timing(task_name: str, cache_dir: str, out_dir: str, specs, period: int,
 # The CI check.
 
 
-def quick(optimizers: list[str], tasks: list[str]) -> list[str]:
+def quick(optimizers: list[str], tasks: list[str],
+          seeds: Sequence[int] = (0,)) -> list[str]:
   """One short run of each optimizer on each task at a tiny size.
 
   Returns:
     the failures: every (task, optimizer) that diverged or whose validation
-    loss did not drop by at least ``MIN_DECREASE`` (relative).
+    loss did not drop by at least ``MIN_DECREASE`` (relative), on any of
+    ``seeds`` (named ``task/optimizer`` for seed 0, with ``@seed``
+    appended for the others).
   """
   failures = []
   for task_name in tasks:
@@ -435,16 +439,19 @@ def quick(optimizers: list[str], tasks: list[str]) -> list[str]:
       else:
         lr, damping = study.task.quick.get(
             opt.family, (study.task.lr_centre[opt.family], DEFAULT_DAMPING))
-      try:
-        record = study.run(spec, lr, damping if opt.curvature else None, 0)
-      except optimizers_lib.Skip as e:
-        print(f'  {task_name} {spec}: skipped ({e})')
-        continue
-      before = record['eval']['loss'][0]
-      after = record['final']['validation']['loss']
-      ok = not record['diverged'] and after < (1 - MIN_DECREASE) * before
-      print(f'  {task_name:12s} {spec:14s} validation loss {before:.4g} -> '
-            f'{after:.4g} {"ok" if ok else "NOT REDUCED"}', flush=True)
-      if not ok:
-        failures.append(f'{task_name}/{spec}')
+      for seed in seeds:
+        try:
+          record = study.run(spec, lr, damping if opt.curvature else None,
+                             seed)
+        except optimizers_lib.Skip as e:
+          print(f'  {task_name} {spec}: skipped ({e})')
+          break
+        before = record['eval']['loss'][0]
+        after = record['final']['validation']['loss']
+        ok = not record['diverged'] and after < (1 - MIN_DECREASE) * before
+        name = spec if seed == 0 else f'{spec}@{seed}'
+        print(f'  {task_name:12s} {name:14s} validation loss {before:.4g} '
+              f'-> {after:.4g} {"ok" if ok else "NOT REDUCED"}', flush=True)
+        if not ok:
+          failures.append(f'{task_name}/{name}')
   return failures
