@@ -8,6 +8,7 @@ from collections.abc import Callable
 import dataclasses
 import os
 import re
+import resource
 import sys
 import time
 from typing import Any
@@ -144,6 +145,10 @@ class Runner:
   state: Callable[[], Any]  # current opt_state (ours) or None
   setup_s: float = 0.0
   compiled: Any = None  # the compiled step, where there is one
+  # Minor page faults per step in each timed block (interleaved): a step
+  # whose temporaries the allocator maps afresh on every call faults on
+  # every page it touches (docs/getting_started.md, "Speed on a CPU").
+  faults: list[float] = dataclasses.field(default_factory=list)
 
 
 def optax_runner(label, periods, tx, train_step, params, batch) -> Runner:
@@ -201,11 +206,31 @@ def interleaved(runners: list[Runner], repeats: int, block: int
       order.reverse()
     for i, r in order:
       r.sync()
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       r.run(block)
       r.sync()
       times[i].append((time.perf_counter() - start) / block)
+      r.faults.append(
+          (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+          / block)
   return times
+
+
+def allocator() -> str:
+  """How this process allocates host memory, for a table's header.
+
+  XLA:CPU allocates a step's temporaries afresh on every call; under
+  glibc's defaults an allocation above 32 MiB is a fresh mapping whose
+  every page faults when touched (docs/getting_started.md).
+  """
+  preload = os.environ.get('LD_PRELOAD', '')
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
+  if preload:
+    return f'LD_PRELOAD={preload}'
+  if tunables:
+    return f'GLIBC_TUNABLES={tunables}'
+  return 'glibc malloc defaults'
 
 
 _COLLECTIVE = re.compile(

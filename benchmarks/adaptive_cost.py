@@ -33,7 +33,11 @@ per-repeat ratio of an adaptive step to the fixed step of its own library
 (``kfac``, or ``kfac_jax`` without its adaptive options) with the same
 periods, minus one. ``temp MiB`` is the compiled step's temporary
 buffers (XLA's ``memory_analysis``), the part of its peak memory that the
-optimizer's own work changes.
+optimizer's own work changes; ``page faults/step`` counts the minor page
+faults of the timed blocks: XLA:CPU allocates the temporaries on every
+call, and under glibc's defaults above 32 MiB that is a fresh mapping whose
+every touched page faults (run with ``GLIBC_TUNABLES`` or tcmalloc, see
+docs/getting_started.md, to time the steps without that tax).
 
 Usage::
 
@@ -185,8 +189,8 @@ def main(argv=None) -> None:
   print(f'JAX {jax.__version__} on {jax.default_backend()} '
         f'({platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs), XLA_FLAGS='
-        f'{os.environ.get("XLA_FLAGS", "")!r}; median of {args.repeats} '
-        f'repeats of {args.block}-step blocks\n')
+        f'{os.environ.get("XLA_FLAGS", "")!r}, {_common.allocator()}; '
+        f'median of {args.repeats} repeats of {args.block}-step blocks\n')
   for name in args.tasks.split(','):
     task = tasks_lib.TASKS[name]('full')
     runners = make_runners(task, periods_list, labels)
@@ -203,11 +207,12 @@ def main(argv=None) -> None:
               f'{100 * (ratio(times[fixed[base, r.periods]]) - 1):+.0f}%')
       rows.append((r.label, '' if r.periods is None else str(r.periods),
                    f'{1e3 * statistics.median(t):.1f}',
-                   f'{ratio(times[0]):.2f}', over, _temp_mib(r)))
+                   f'{ratio(times[0]):.2f}', over, _temp_mib(r),
+                   f'{statistics.median(r.faults):.0f}'))
     print(f'### {name} (batch {task.batch_size})\n')
     _common.print_table(('optimizer', '(stats, inverse)', 'ms/step',
-                         'ratio to adam', 'overhead vs fixed', 'temp MiB'),
-                        rows)
+                         'ratio to adam', 'overhead vs fixed', 'temp MiB',
+                         'page faults/step'), rows)
     print()
 
 
