@@ -37,6 +37,8 @@ from fisher_optax._adaptive import adaptive
 from fisher_optax._adaptive import AdaptiveState
 from fisher_optax._base import LayerMeta
 from fisher_optax._base import LayerStats
+from fisher_optax._graft import graft
+from fisher_optax._graft import GraftState
 from fisher_optax._kfac import ekfac
 from fisher_optax._kfac import kfac
 from fisher_optax._kfac import scale_by_ekfac
@@ -64,6 +66,7 @@ __version__ = '0.1.0'
 __all__ = (
     'AdaptiveState',
     'Coverage',
+    'GraftState',
     'KroneckerState',
     'LayerMeta',
     'LayerStats',
@@ -76,6 +79,7 @@ __all__ = (
     'assert_replicated',
     'coverage',
     'ekfac',
+    'graft',
     'kfac',
     'linearization',
     'linen',

@@ -54,6 +54,18 @@ def _sgd_nesterov(learning_rate):
   return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
 
 
+def _kfac_graft(learning_rate, damping=1e-3, *, momentum=0.9, b2=0.999,
+                stats_every=10, inverse_every=100, **kwargs):
+  """K-FAC's directions at Adam's per-leaf step sizes (``fo.graft``)."""
+  return optax.chain(
+      fo.graft(fo.scale_by_kfac(damping, momentum=momentum,
+                                momentum_style='adam',
+                                stats_every=stats_every,
+                                inverse_every=inverse_every, **kwargs),
+               optax.scale_by_adam(b1=momentum, b2=b2)),
+      optax.scale_by_learning_rate(learning_rate))
+
+
 # The optimizer every other is measured against, in steps and in seconds.
 BASELINE = 'adam'
 
@@ -77,6 +89,9 @@ OPTIMIZERS = {
     'tekfac': Optimizer('kronecker', fo.tekfac, True, True),
     'mbf': Optimizer('mbf', fo.mini_block_fisher, True, True),
     'kfac_jax': Optimizer('kronecker', None, True),
+    # Adam's learning rate and step sizes, K-FAC's directions: swept on
+    # Adam's grid.
+    'kfac_graft': Optimizer('adam', _kfac_graft, True, True),
     # No arguments: learning rate, momentum and damping from the quadratic
     # model (fo.adaptive), no sweep.
     'kfac_adaptive': Optimizer('kronecker', fo.kfac, True, True, True),
