@@ -6,6 +6,8 @@ batches, this times the jitted train step (capture included) of
 
 * ``optax.adam`` and ``optax.contrib.muon`` on ``jax.value_and_grad``;
 * ``fo.kfac`` with a fixed learning rate and damping;
+* the same K-FAC grafted onto Adam's step sizes (``kfac graft``: the
+  study's ``kfac_graft``, ``fo.graft``);
 * ``fo.kfac()`` with no learning rate (the adaptive step), its quadratic
   model from the exact Gauss-Newton products of the capture step's own
   linearization (``one pass``: ``tx.update(..., layer_stats=stats)``, the
@@ -95,6 +97,8 @@ def make_runners(task: tasks_lib.Task, periods_list=PERIODS,
                   layers=layers, loss_reduction=task.loss_reduction)
     for label, curvature, tx in (
         ('kfac', None, fo.kfac(LEARNING_RATE, damping=1e-3, **common)),
+        ('kfac graft', None, optimizers_lib.kfac_graft(
+            LEARNING_RATE, 1e-3, **common)),
         ('kfac adaptive one pass', 'linearized', fo.kfac(**common)),
         ('kfac adaptive captured', 'captured', fo.kfac(**common)),
         ('kfac adaptive ggn', 'ggn', fo.kfac(**common)),

@@ -43,15 +43,16 @@ def _norm(x):
 
 
 def graft_leaf(direction, magnitude):
-  """``direction`` at the norm of ``magnitude``; ``magnitude`` where the
-  direction has no usable norm (zero, or not finite)."""
+  """``direction`` at the norm of ``magnitude``; ``magnitude`` where either
+  norm is unusable (a zero or non-finite direction; a non-finite magnitude,
+  which would spread a user's NaN gradient entry over the whole leaf)."""
   if _base.is_masked(direction):
     return direction
   if not _base.is_float(direction):
     return jnp.zeros_like(direction)
-  d_norm = _norm(direction)
-  usable = jnp.isfinite(d_norm) & (d_norm > 0)
-  scale = _norm(magnitude) / jnp.where(usable, d_norm, 1.0)
+  d_norm, m_norm = _norm(direction), _norm(magnitude)
+  usable = jnp.isfinite(d_norm) & (d_norm > 0) & jnp.isfinite(m_norm)
+  scale = m_norm / jnp.where(usable, d_norm, 1.0)
   # Not d * 0 where unusable: a non-finite direction would stay NaN.
   return jnp.where(usable, direction * scale.astype(direction.dtype),
                    magnitude.astype(direction.dtype))
@@ -71,10 +72,12 @@ def graft(
     u_\ell = \frac{\lVert m_\ell \rVert}{\lVert d_\ell \rVert}\, d_\ell,
 
   and :math:`u_\ell = m_\ell` where :math:`\lVert d_\ell \rVert` is zero or
-  not finite. With ``magnitude=optax.scale_by_adam()`` a Fisher
-  preconditioner takes steps of Adam's size in its own directions, so
-  Adam's learning rate, schedule and warm-up carry over; the damping then
-  only shapes the direction. Both transformations keep their own state
+  not finite, or :math:`\lVert m_\ell \rVert` is not finite (a non-finite
+  gradient entry then reaches only the entries ``magnitude`` gives it).
+  With ``magnitude=optax.scale_by_adam()`` a Fisher preconditioner takes
+  steps of Adam's size in its own directions, so Adam's learning rate,
+  schedule and warm-up carry over; the damping then only shapes the
+  direction. Both transformations keep their own state
   (each its own momentum) and get the ``update``'s extra arguments
   (``layer_stats=``).
 

@@ -33,7 +33,7 @@ import _worker_common  # pylint: disable=g-import-not-at-top
 STEPS = 5
 DEVICES = 8
 OPTIMIZERS = ('adafisher', 'adafisherw', 'kfac', 'ekfac', 'tkfac', 'tekfac',
-              'mini_block_fisher')
+              'mini_block_fisher', 'kfac_graft')
 SPREAD = ('kfac', 'ekfac', 'tkfac', 'tekfac', 'mini_block_fisher')
 # The adaptive step, both curvature sources: data parallel, FSDP and
 # shard_map (its products and losses averaged over the devices).

@@ -70,6 +70,12 @@ def make(name, **kwargs):
   if name in ('adafisher', 'adafisherw'):
     return getattr(fo, name)(1e-2, damping=0.1, mode='paper', stats_every=2,
                              **kwargs)
+  if name == 'kfac_graft':  # K-FAC's directions at Adam's step sizes
+    return optax.chain(
+        fo.graft(fo.scale_by_kfac(0.1, momentum_style='adam',
+                                  inverse_every=2, **kwargs),
+                 optax.scale_by_adam()),
+        optax.scale_by_learning_rate(1e-2))
   if name == 'mini_block_fisher':
     return fo.mini_block_fisher(1e-3, damping=1e-3, inverse_every=2,
                                 **kwargs)

@@ -94,6 +94,26 @@ class GraftTest(parameterized.TestCase):
       assert_close(leaf, fo._base.flatten_with_paths(want)[path],  # pylint: disable=protected-access
                    rtol=1e-6, err_msg=path)
 
+  def test_a_nonfinite_gradient_entry_stays_in_its_entry(self):
+    # A finite direction of ones; Adam's update is NaN only in the entry
+    # fed a NaN. Scaled by that NaN norm, the whole leaf would be NaN.
+    params, batches = _setup(steps=1)
+    grads, stats = batches[0]
+    grads['Dense_0']['kernel'] = grads['Dense_0']['kernel'].at[0, 0].set(
+        jnp.nan)
+    ones = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (jax.tree.map(jnp.ones_like, u), s))
+    tx = fo.graft(ones, optax.scale_by_adam())
+    got, _ = jax.jit(lambda g, st: tx.update(
+        g, tx.init(params), params, layer_stats=st))(grads, stats)
+    kernel = np.asarray(got['Dense_0']['kernel'])
+    self.assertTrue(np.isnan(kernel[0, 0]))
+    self.assertEqual(int(np.sum(~np.isfinite(kernel))), 1)
+    adam = optax.scale_by_adam()
+    want, _ = adam.update(grads, adam.init(params))
+    assert_close(kernel, want['Dense_0']['kernel'], rtol=1e-6, scale=1.0)
+
   def test_masked_leaves_pass_through(self):
     params, batches = _setup(steps=2)
     mask = jax.tree.map(lambda _: True, params)

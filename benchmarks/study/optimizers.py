@@ -54,7 +54,7 @@ def _sgd_nesterov(learning_rate):
   return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
 
 
-def _kfac_graft(learning_rate, damping=1e-3, *, momentum=0.9, b2=0.999,
+def kfac_graft(learning_rate, damping=1e-3, *, momentum=0.9, b2=0.999,
                 stats_every=10, inverse_every=100, **kwargs):
   """K-FAC's directions at Adam's per-leaf step sizes (``fo.graft``)."""
   return optax.chain(
@@ -91,7 +91,7 @@ OPTIMIZERS = {
     'kfac_jax': Optimizer('kronecker', None, True),
     # Adam's learning rate and step sizes, K-FAC's directions: swept on
     # Adam's grid.
-    'kfac_graft': Optimizer('adam', _kfac_graft, True, True),
+    'kfac_graft': Optimizer('adam', kfac_graft, True, True),
     # No arguments: learning rate, momentum and damping from the quadratic
     # model (fo.adaptive), no sweep.
     'kfac_adaptive': Optimizer('kronecker', fo.kfac, True, True, True),
